@@ -1,0 +1,484 @@
+"""Unit-scaled Keras layers: weights plus one call into :mod:`llm_unitscale.ops`.
+
+Every layer here initialises weights N(0, 1) (the fan-in lives in the op), keeps Keras's argument names where a
+stock layer has the same argument, carries a :class:`UnitScaling` kernel constraint by default
+(``kernel_constraint=None`` switches it off) and projects its initial weights onto that constraint. Weights are
+passed to ops as ``variable.value`` (a tensor): custom gradients reject Keras variables in eager calls.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import keras
+import tensorflow as tf
+
+from llm_unitscale import ops
+from llm_unitscale.constraints import UnitScaling
+
+_DEFAULT = "unit_scaling"
+register = keras.saving.register_keras_serializable(package="llm_unitscale")
+
+
+def unit_normal() -> keras.initializers.Initializer:
+    """N(0, 1): the unit-scaling weight init."""
+    return keras.initializers.RandomNormal(mean=0.0, stddev=1.0)
+
+
+def _constraint(value: Any, axis: int | None = None) -> keras.constraints.Constraint | None:
+    """Resolve a constraint argument; the default is ``UnitScaling(axis=axis)``."""
+    if isinstance(value, str) and value == _DEFAULT:
+        return UnitScaling(axis=axis)
+    return keras.constraints.get(value)
+
+
+def _unit_weight(layer: keras.layers.Layer, name: str, shape: tuple, constraint: Any) -> keras.Variable:
+    """Add an N(0, 1) weight and project it onto its constraint (Keras does not apply it at creation)."""
+    weight = layer.add_weight(name=name, shape=shape, initializer=unit_normal(), constraint=constraint)
+    if constraint is not None:
+        weight.assign(constraint(weight.value))
+    return weight
+
+
+def _zeros(layer: keras.layers.Layer, name: str, shape: tuple) -> keras.Variable:
+    return layer.add_weight(name=name, shape=shape, initializer="zeros")
+
+
+def _ser(constraint: Any) -> Any:
+    return keras.constraints.serialize(constraint) if constraint is not None else None
+
+
+@register
+class UnitDense(keras.layers.Layer):
+    """Unit-scaled ``Dense``: ``act(α·(xW + b))``, α = fan_in^-½ (see :func:`ops.dense`)."""
+
+    def __init__(
+        self,
+        units: int,
+        activation: str | None = None,
+        use_bias: bool = True,
+        kernel_constraint: Any = _DEFAULT,
+        **kwargs: Any,
+    ):
+        super().__init__(**kwargs)
+        if activation is not None and activation not in ops.ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ops.ACTIVATIONS} or None, got {activation!r}")
+        self.units = int(units)
+        self.activation = activation
+        self.use_bias = use_bias
+        self.kernel_constraint = _constraint(kernel_constraint)
+
+    def build(self, input_shape: tuple) -> None:
+        self.kernel = _unit_weight(self, "kernel", (int(input_shape[-1]), self.units), self.kernel_constraint)
+        self.bias = _zeros(self, "bias", (self.units,)) if self.use_bias else None
+
+    def call(self, x: tf.Tensor) -> tf.Tensor:
+        y = ops.dense(x, self.kernel.value, self.bias.value if self.use_bias else None)
+        return y if self.activation is None else ops.activation(y, self.activation)
+
+    def compute_output_shape(self, input_shape: tuple) -> tuple:
+        return (*input_shape[:-1], self.units)
+
+    def get_config(self) -> dict:
+        return {
+            **super().get_config(),
+            "units": self.units,
+            "activation": self.activation,
+            "use_bias": self.use_bias,
+            "kernel_constraint": _ser(self.kernel_constraint),
+        }
+
+
+@register
+class UnitReadout(keras.layers.Layer):
+    """Projection to logits with a learnable scalar logit scale (see :func:`ops.readout`)."""
+
+    def __init__(self, units: int, use_bias: bool = False, kernel_constraint: Any = _DEFAULT, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.units = int(units)
+        self.use_bias = use_bias
+        self.kernel_constraint = _constraint(kernel_constraint)
+
+    def build(self, input_shape: tuple) -> None:
+        self.kernel = _unit_weight(self, "kernel", (int(input_shape[-1]), self.units), self.kernel_constraint)
+        self.bias = _zeros(self, "bias", (self.units,)) if self.use_bias else None
+        self.logit_scale = self.add_weight(name="logit_scale", shape=(), initializer="ones")
+
+    def call(self, x: tf.Tensor) -> tf.Tensor:
+        bias = self.bias.value if self.use_bias else None
+        return ops.readout(x, self.kernel.value, bias, self.logit_scale.value)
+
+    def compute_output_shape(self, input_shape: tuple) -> tuple:
+        return (*input_shape[:-1], self.units)
+
+    def get_config(self) -> dict:
+        return {
+            **super().get_config(),
+            "units": self.units,
+            "use_bias": self.use_bias,
+            "kernel_constraint": _ser(self.kernel_constraint),
+        }
+
+
+@register
+class UnitEmbedding(keras.layers.Layer):
+    """Unit-scaled ``Embedding``: N(0, 1) rows, ∂W = √(V/N)·scatter(g); rows kept at unit RMS by default."""
+
+    def __init__(self, input_dim: int, output_dim: int, embeddings_constraint: Any = _DEFAULT, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.input_dim = int(input_dim)
+        self.output_dim = int(output_dim)
+        self.embeddings_constraint = _constraint(embeddings_constraint, axis=-1)
+
+    def build(self, input_shape: tuple | None = None) -> None:
+        self.embeddings = _unit_weight(
+            self, "embeddings", (self.input_dim, self.output_dim), self.embeddings_constraint
+        )
+
+    def call(self, ids: tf.Tensor) -> tf.Tensor:
+        return ops.embedding(tf.cast(ids, tf.int32), self.embeddings.value)
+
+    def compute_output_shape(self, input_shape: tuple) -> tuple:
+        return (*input_shape, self.output_dim)
+
+    def get_config(self) -> dict:
+        return {
+            **super().get_config(),
+            "input_dim": self.input_dim,
+            "output_dim": self.output_dim,
+            "embeddings_constraint": _ser(self.embeddings_constraint),
+        }
+
+
+@register
+class UnitPositionEmbedding(keras.layers.Layer):
+    """Adds a learned position embedding to (B, T, d): ``ops.add(x, P[0..T−1])``, P of shape (length, d)."""
+
+    def __init__(self, sequence_length: int, embeddings_constraint: Any = _DEFAULT, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.sequence_length = int(sequence_length)
+        self.embeddings_constraint = _constraint(embeddings_constraint, axis=-1)
+
+    def build(self, input_shape: tuple) -> None:
+        shape = (self.sequence_length, int(input_shape[-1]))
+        self.embeddings = _unit_weight(self, "embeddings", shape, self.embeddings_constraint)
+
+    def call(self, x: tf.Tensor, start: int | tf.Tensor = 0) -> tf.Tensor:
+        shape = tf.shape(x)
+        positions = tf.broadcast_to(tf.range(shape[1]) + start, shape[:2])
+        return ops.add(x, tf.cast(ops.embedding(positions, self.embeddings.value), x.dtype))
+
+    def get_config(self) -> dict:
+        return {
+            **super().get_config(),
+            "sequence_length": self.sequence_length,
+            "embeddings_constraint": _ser(self.embeddings_constraint),
+        }
+
+
+@register
+class UnitConv1D(keras.layers.Layer):
+    """Unit-scaled ``Conv1D`` over (B, T, C), causal padding by default (see :func:`ops.conv1d`)."""
+
+    def __init__(
+        self,
+        filters: int,
+        kernel_size: int,
+        padding: str = "causal",
+        dilation_rate: int = 1,
+        activation: str | None = None,
+        use_bias: bool = True,
+        kernel_constraint: Any = _DEFAULT,
+        **kwargs: Any,
+    ):
+        super().__init__(**kwargs)
+        self.filters = int(filters)
+        self.kernel_size = int(kernel_size)
+        self.padding = padding
+        self.dilation_rate = int(dilation_rate)
+        self.activation = activation
+        self.use_bias = use_bias
+        self.kernel_constraint = _constraint(kernel_constraint)
+
+    def build(self, input_shape: tuple) -> None:
+        shape = (self.kernel_size, int(input_shape[-1]), self.filters)
+        self.kernel = _unit_weight(self, "kernel", shape, self.kernel_constraint)
+        self.bias = _zeros(self, "bias", (self.filters,)) if self.use_bias else None
+
+    def call(self, x: tf.Tensor) -> tf.Tensor:
+        bias = self.bias.value if self.use_bias else None
+        y = ops.conv1d(x, self.kernel.value, bias, self.padding, self.dilation_rate)
+        return y if self.activation is None else ops.activation(y, self.activation)
+
+    def get_config(self) -> dict:
+        return {
+            **super().get_config(),
+            "filters": self.filters,
+            "kernel_size": self.kernel_size,
+            "padding": self.padding,
+            "dilation_rate": self.dilation_rate,
+            "activation": self.activation,
+            "use_bias": self.use_bias,
+            "kernel_constraint": _ser(self.kernel_constraint),
+        }
+
+
+class _UnitNorm(keras.layers.Layer):
+    """Shared weights of the norms: gain γ (ones) and, when ``center``, bias β (zeros); kept in float32."""
+
+    center = True
+
+    def __init__(self, epsilon: float = 1e-5, **kwargs: Any):
+        super().__init__(autocast=False, **kwargs)
+        self.epsilon = float(epsilon)
+
+    def build(self, input_shape: tuple) -> None:
+        width = (int(input_shape[-1]),)
+        self.gamma = self.add_weight(name="gamma", shape=width, initializer="ones")
+        self.beta = _zeros(self, "beta", width) if self.center else None
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "epsilon": self.epsilon}
+
+
+@register
+class UnitLayerNorm(_UnitNorm):
+    """Layer norm with a closed-form backward; ∂γ, ∂β × N^-½ (see :func:`ops.layer_norm`)."""
+
+    def call(self, x: tf.Tensor) -> tf.Tensor:
+        return ops.layer_norm(x, self.gamma.value, self.beta.value, self.epsilon)
+
+
+@register
+class UnitRMSNorm(_UnitNorm):
+    """RMS norm with a closed-form backward; ∂γ × N^-½ (see :func:`ops.rms_norm`)."""
+
+    center = False
+
+    def call(self, x: tf.Tensor) -> tf.Tensor:
+        return ops.rms_norm(x, self.gamma.value, self.epsilon)
+
+
+_NORMS = {"layer": UnitLayerNorm, "rms": UnitRMSNorm}
+
+
+@register
+class UnitMultiHeadAttention(keras.layers.Layer):
+    """Unit-scaled multi-head self-attention (see :func:`ops.multi_head_attention`).
+
+    Weights: query/key/value/output kernels (width, width) as in Keras's ``MultiHeadAttention`` (one per
+    projection), biases optional. ``call(x, padding_mask=None)``; padding_mask (B, T) is True for real tokens.
+    """
+
+    def __init__(
+        self,
+        num_heads: int,
+        causal: bool = True,
+        use_bias: bool = True,
+        kernel_constraint: Any = _DEFAULT,
+        **kwargs: Any,
+    ):
+        super().__init__(**kwargs)
+        self.num_heads = int(num_heads)
+        self.causal = causal
+        self.use_bias = use_bias
+        self.kernel_constraint = _constraint(kernel_constraint)
+
+    def build(self, x_shape: tuple, padding_mask_shape: tuple | None = None) -> None:
+        width = int(x_shape[-1])
+        if width % self.num_heads:
+            raise ValueError(f"width {width} is not divisible by num_heads {self.num_heads}")
+        names = ("query", "key", "value", "output")
+        self.kernels = [
+            _unit_weight(self, f"{n}_kernel", (width, width), self.kernel_constraint) for n in names
+        ]
+        self.biases = [_zeros(self, f"{n}_bias", (width,)) for n in names] if self.use_bias else None
+
+    def call(self, x: tf.Tensor, padding_mask: tf.Tensor | None = None) -> tf.Tensor:
+        kernels = tuple(k.value for k in self.kernels)
+        biases = tuple(b.value for b in self.biases) if self.use_bias else None
+        return ops.multi_head_attention(x, kernels, biases, self.num_heads, self.causal, padding_mask)
+
+    def compute_output_shape(self, x_shape: tuple, padding_mask_shape: tuple | None = None) -> tuple:
+        return x_shape
+
+    def get_config(self) -> dict:
+        return {
+            **super().get_config(),
+            "num_heads": self.num_heads,
+            "causal": self.causal,
+            "use_bias": self.use_bias,
+            "kernel_constraint": _ser(self.kernel_constraint),
+        }
+
+
+@register
+class UnitMLP(keras.layers.Layer):
+    """Feed-forward branch width → mlp_ratio·width → width with a constrained activation (:func:`ops.mlp`)."""
+
+    def __init__(
+        self,
+        mlp_ratio: int = 4,
+        activation: str = "gelu",
+        use_bias: bool = True,
+        kernel_constraint: Any = _DEFAULT,
+        **kwargs: Any,
+    ):
+        super().__init__(**kwargs)
+        self.mlp_ratio = int(mlp_ratio)
+        self.activation = activation
+        self.use_bias = use_bias
+        self.kernel_constraint = _constraint(kernel_constraint)
+
+    def build(self, input_shape: tuple) -> None:
+        width = int(input_shape[-1])
+        hidden = self.mlp_ratio * width
+        self.up_kernel = _unit_weight(self, "up_kernel", (width, hidden), self.kernel_constraint)
+        self.down_kernel = _unit_weight(self, "down_kernel", (hidden, width), self.kernel_constraint)
+        self.up_bias = _zeros(self, "up_bias", (hidden,)) if self.use_bias else None
+        self.down_bias = _zeros(self, "down_bias", (width,)) if self.use_bias else None
+
+    def call(self, x: tf.Tensor) -> tf.Tensor:
+        up = (self.up_kernel.value, self.up_bias.value if self.use_bias else None)
+        down = (self.down_kernel.value, self.down_bias.value if self.use_bias else None)
+        return ops.mlp(x, up, down, self.activation)
+
+    def get_config(self) -> dict:
+        return {
+            **super().get_config(),
+            "mlp_ratio": self.mlp_ratio,
+            "activation": self.activation,
+            "use_bias": self.use_bias,
+            "kernel_constraint": _ser(self.kernel_constraint),
+        }
+
+
+@register
+class UnitTransformerBlock(keras.layers.Layer):
+    """Pre-norm transformer block: x ← res(x, attn(norm(x))); x ← res(x, mlp(norm(x))), res = ops.residual_add.
+
+    tau: the residual branch weight τ of ``y = (τ·f(x) + x)/√(1+τ²)``.
+    """
+
+    def __init__(
+        self,
+        num_heads: int,
+        mlp_ratio: int = 4,
+        tau: float = 0.5,
+        causal: bool = True,
+        dropout: float = 0.0,
+        kernel_constraint: Any = _DEFAULT,
+        norm: str = "rms",
+        use_bias: bool = False,
+        **kwargs: Any,
+    ):
+        super().__init__(**kwargs)
+        if norm not in _NORMS:
+            raise ValueError(f"norm must be one of {tuple(_NORMS)}, got {norm!r}")
+        self.num_heads = int(num_heads)
+        self.mlp_ratio = int(mlp_ratio)
+        self.tau = float(tau)
+        self.causal = causal
+        self.dropout = float(dropout)
+        self.norm = norm
+        self.use_bias = use_bias
+        self.kernel_constraint = _constraint(kernel_constraint)
+        constraint = _ser(self.kernel_constraint)
+        self.attention_norm = _NORMS[norm](name="attention_norm")
+        self.attention = UnitMultiHeadAttention(
+            num_heads, causal, use_bias, kernel_constraint=constraint, name="attention"
+        )
+        self.mlp_norm = _NORMS[norm](name="mlp_norm")
+        self.mlp = UnitMLP(mlp_ratio, use_bias=use_bias, kernel_constraint=constraint, name="mlp")
+        self.seed_generator = keras.random.SeedGenerator(0) if self.dropout else None
+
+    def build(self, x_shape: tuple, padding_mask_shape: tuple | None = None) -> None:
+        for layer in (self.attention_norm, self.attention, self.mlp_norm, self.mlp):
+            layer.build(x_shape)
+
+    def call(self, x: tf.Tensor, padding_mask: tf.Tensor | None = None, training: bool = False) -> tf.Tensor:
+        def attention_branch(h: tf.Tensor) -> tf.Tensor:
+            h = self.attention(self.attention_norm(h), padding_mask=padding_mask)
+            return ops.dropout(h, self.dropout, training, self.seed_generator)
+
+        def mlp_branch(h: tf.Tensor) -> tf.Tensor:
+            return ops.dropout(self.mlp(self.mlp_norm(h)), self.dropout, training, self.seed_generator)
+
+        x = ops.residual_add(x, attention_branch, self.tau)
+        return ops.residual_add(x, mlp_branch, self.tau)
+
+    def compute_output_shape(self, x_shape: tuple, padding_mask_shape: tuple | None = None) -> tuple:
+        return x_shape
+
+    def get_config(self) -> dict:
+        return {
+            **super().get_config(),
+            "num_heads": self.num_heads,
+            "mlp_ratio": self.mlp_ratio,
+            "tau": self.tau,
+            "causal": self.causal,
+            "dropout": self.dropout,
+            "kernel_constraint": _ser(self.kernel_constraint),
+            "norm": self.norm,
+            "use_bias": self.use_bias,
+        }
+
+
+@register
+class UnitPooling(keras.layers.Layer):
+    """Unit-scaled max/average pooling over time: global (pool_size=None) or causal windows (:func:`ops.pool`)."""
+
+    def __init__(self, mode: str = "max", pool_size: int | None = None, **kwargs: Any):
+        super().__init__(**kwargs)
+        if mode not in ("max", "average"):
+            raise ValueError(f"mode must be 'max' or 'average', got {mode!r}")
+        self.mode = mode
+        self.pool_size = None if pool_size is None else int(pool_size)
+
+    def call(self, x: tf.Tensor, padding_mask: tf.Tensor | None = None) -> tf.Tensor:
+        return ops.pool(x, self.mode, self.pool_size, padding_mask)
+
+    def compute_output_shape(self, x_shape: tuple, padding_mask_shape: tuple | None = None) -> tuple:
+        return (x_shape[0], x_shape[-1]) if self.pool_size is None else x_shape
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "mode": self.mode, "pool_size": self.pool_size}
+
+
+@register
+class UnitDropout(keras.layers.Layer):
+    """``√(1−p)·dropout(x)``: unlike ``keras.layers.Dropout`` it preserves RMS (see :func:`ops.dropout`)."""
+
+    def __init__(self, rate: float, seed: int | None = None, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.rate = float(rate)
+        self.seed = seed
+        self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def call(self, x: tf.Tensor, training: bool = False) -> tf.Tensor:
+        return ops.dropout(x, self.rate, training, self.seed_generator)
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "rate": self.rate, "seed": self.seed}
+
+
+@register
+class UnitSoftmaxCrossEntropy(keras.losses.Loss):
+    """Sparse softmax cross-entropy from logits with a unit-scaled gradient (:func:`ops.softmax_cross_entropy`).
+
+    The value is the ordinary mean cross-entropy (nats per target), so it compares directly with
+    ``keras.losses.SparseCategoricalCrossentropy(from_logits=True)``. ``ignore_class`` (as in that loss)
+    marks targets that neither contribute nor count.
+    """
+
+    def __init__(self, ignore_class: int | None = None, name: str = "unit_softmax_cross_entropy", **kwargs: Any):
+        super().__init__(name=name, **kwargs)
+        self.ignore_class = ignore_class
+
+    def call(self, y_true: tf.Tensor, y_pred: tf.Tensor) -> tf.Tensor:
+        y_true = tf.cast(y_true, tf.int32)
+        mask = None if self.ignore_class is None else tf.not_equal(y_true, self.ignore_class)
+        return ops.softmax_cross_entropy(y_pred, y_true, mask)
+
+    def get_config(self) -> dict:
+        return {"name": self.name, "ignore_class": self.ignore_class}

@@ -1,0 +1,580 @@
+"""Unit-scaled operations: every scaling rule of llm_unitscale lives in this module.
+
+Unit scaling (Blake, Orr, Luschi, ICML 2023; u-μP, 2024) gives each op a forward scale α and backward scales β
+(one per input) so that, for unit-variance inputs and a unit-variance incoming gradient, the output and every
+outgoing gradient are unit-variance too. Weights are initialised N(0, 1): the fan-in lives in the op, not in
+the init. The primitive is :func:`scaled`::
+
+    scaled(x, α, β):   forward y = α·x,   backward ∂L/∂x = β·∂L/∂y          (tf.custom_gradient)
+
+Notation used in the docstrings: N = rows that share a weight in one step (batch × sequence positions),
+V = vocabulary (or class) count, g = incoming gradient, d = width of a head.
+
+Gradient consistency (DESIGN §3.1, invariant 2): wherever α ≠ β, every path through the op is rescaled by the
+same β/α. That is harmless where all paths cross the op (loss, readout, weights — Adam is invariant to one
+constant per tensor); inside a residual branch the ops trade scales so that each path multiplies to 1 and the
+gradient leaving the branch is the true gradient (see :func:`mlp`, :func:`multi_head_attention`,
+:func:`residual_add`). :func:`exact_gradients` switches every custom backward scale off (β := α), which is how the
+tests compare against true autodiff gradients of the same forward maths.
+
+Efficiency: a dense/conv op applies α to the *kernel* (a weight-sized multiply) rather than to the activations,
+and the input-gradient rescale is skipped when β_x = α, so a square projection costs no extra activation-sized
+work. Python-float scales are folded at trace time and ×1 multiplies are skipped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+from collections.abc import Callable, Iterator
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+Scale = float | tf.Tensor
+
+_EXACT_GRADIENTS = False
+
+
+@contextlib.contextmanager
+def exact_gradients() -> Iterator[None]:
+    """Within this context (at trace time) every op uses its true autodiff gradient (β := α).
+
+    Used by tests to check that unit-scaled gradients equal the true gradient times the declared scales.
+    """
+    global _EXACT_GRADIENTS
+    previous, _EXACT_GRADIENTS = _EXACT_GRADIENTS, True
+    try:
+        yield
+    finally:
+        _EXACT_GRADIENTS = previous
+
+
+def _is_python_number(s: Scale) -> bool:
+    return isinstance(s, (int, float))
+
+
+def _as(s: Scale, dtype: tf.DType) -> Scale:
+    """A scale ready to multiply a tensor of ``dtype`` (Python numbers are folded by TF as constants)."""
+    return s if _is_python_number(s) else tf.cast(s, dtype)
+
+
+def _mul(x: tf.Tensor, s: Scale) -> tf.Tensor:
+    if _is_python_number(s) and s == 1:
+        return x
+    return x * _as(s, x.dtype)
+
+
+def scaled(x: tf.Tensor, fwd: Scale, bwd: Scale) -> tf.Tensor:
+    """Forward ``y = fwd·x``; backward ``∂x = bwd·g``. The primitive of unit scaling.
+
+    Equal Python scales need no custom gradient (plain multiply, or nothing at all for 1).
+    """
+    if _EXACT_GRADIENTS:
+        bwd = fwd
+    if _is_python_number(fwd) and _is_python_number(bwd) and fwd == bwd:
+        return _mul(x, fwd)
+
+    @tf.custom_gradient
+    def _scaled(t: tf.Tensor) -> tuple[tf.Tensor, Callable]:
+        def grad(g: tf.Tensor) -> tf.Tensor:
+            return _mul(g, bwd)
+
+        return _mul(t, fwd), grad
+
+    return _scaled(x)
+
+
+def scale_fwd(x: tf.Tensor, fwd: Scale) -> tf.Tensor:
+    """Forward ``fwd·x``, gradient passed through unchanged."""
+    return scaled(x, fwd, 1.0)
+
+
+def scale_bwd(x: tf.Tensor, bwd: Scale) -> tf.Tensor:
+    """Forward identity, gradient ``bwd·g``."""
+    return scaled(x, 1.0, bwd)
+
+
+def rows(x: tf.Tensor) -> int | tf.Tensor:
+    """N: how many rows of ``x`` (all axes but the last) share a weight in one step; static when known."""
+    static = x.shape[:-1]
+    if static.is_fully_defined():
+        return max(int(np.prod(static)), 1)
+    return tf.reduce_prod(tf.shape(x)[:-1])
+
+
+def rsqrt(n: int | float | tf.Tensor) -> Scale:
+    """n^-½, as a Python float when n is static."""
+    if _is_python_number(n):
+        return 1.0 / math.sqrt(n)
+    return tf.math.rsqrt(tf.cast(n, tf.float32))
+
+
+# --------------------------------------------------------------------------------------------- linear maps
+def dense(
+    x: tf.Tensor,
+    kernel: tf.Tensor,
+    bias: tf.Tensor | None = None,
+    *,
+    fwd_scale: Scale | None = None,
+    grad_input_scale: Scale | None = None,
+    grad_weight_scale: Scale = 1.0,
+) -> tf.Tensor:
+    """Unit-scaled dense layer ``y = α·(xW + b)`` with W of shape (fan_in, fan_out).
+
+    forward  α = fan_in^-½
+    backward ∂x = β_x·gWᵀ with β_x = fan_out^-½;  ∂W = N^-½·xᵀg,  ∂b = N^-½·Σg  (times ``grad_weight_scale``)
+
+    α is applied to the kernel (W' = scaled(W, α, N^-½)), so the forward pass costs one weight-sized multiply,
+    and ∂x is rescaled by β_x/α only where β_x ≠ α (never for a square kernel).
+    """
+    fan_in, fan_out = int(kernel.shape[0]), int(kernel.shape[1])
+    alpha = fan_in**-0.5 if fwd_scale is None else fwd_scale
+    beta_x = fan_out**-0.5 if grad_input_scale is None else grad_input_scale
+    beta_w = _times(rsqrt(rows(x)), grad_weight_scale)
+    x = scale_bwd(x, _ratio(beta_x, alpha))
+    y = tf.matmul(x, scaled(kernel, alpha, beta_w))
+    if bias is not None:
+        y = y + scaled(bias, alpha, beta_w)
+    return y
+
+
+def readout(
+    x: tf.Tensor, kernel: tf.Tensor, bias: tf.Tensor | None = None, logit_scale: tf.Tensor | None = None
+) -> tf.Tensor:
+    """Unit-scaled readout to V logits: ``y = s·α·(xW + b)`` with a learnable scalar logit scale s (init 1).
+
+    forward  α = fan_in^-½ (the u-μP alternative, α = 1/fan_in, leaves logits at RMS ≈ fan_in^-½ at init;
+             we take DESIGN's other option: fan_in^-½ and a learnable s, so logits start at unit scale)
+    backward ∂x = β_x·s·gWᵀ with β_x = V^-½; ∂W = s·N^-½·xᵀg; ∂s = N^-1·V^-½·Σ g⊙(xW')
+    (the N per-row terms of ∂s share a sign — softmax pushes toward the high logits — so it grows as N, not √N)
+    All paths cross the readout, so its α ≠ β only rescales upstream gradients by one constant.
+    """
+    fan_in, fan_out = int(kernel.shape[0]), int(kernel.shape[1])
+    alpha = fan_in**-0.5
+    n = rows(x)
+    beta_w = rsqrt(n)
+    w = scaled(kernel, alpha, beta_w)
+    if logit_scale is not None:
+        s = scale_bwd(tf.cast(logit_scale, w.dtype), _times(_times(rsqrt(n), rsqrt(n)), fan_out**-0.5))
+        w = w * s
+    x = scale_bwd(x, _ratio(fan_out**-0.5, alpha))
+    y = tf.matmul(x, w)
+    if bias is not None:
+        y = y + scaled(bias, alpha, beta_w)
+    return y
+
+
+def embedding(ids: tf.Tensor, table: tf.Tensor) -> tf.Tensor:
+    """Unit-scaled embedding lookup ``y = W[ids]`` for a table W of shape (V, d).
+
+    backward ∂W = √(V/N)·scatter(g): each row collects N/V gradients on average, so this makes ∂W unit-RMS.
+    Applied on the gathered rows' gradient (dense, (N, d)) rather than on the sparse table gradient.
+    """
+    vocab = int(table.shape[0])
+    out = tf.gather(table, ids)
+    n = rows(out)
+    scale = math.sqrt(vocab / n) if _is_python_number(n) else tf.sqrt(vocab / tf.cast(n, tf.float32))
+    return scale_bwd(out, scale)
+
+
+def conv1d(
+    x: tf.Tensor, kernel: tf.Tensor, bias: tf.Tensor | None = None, padding: str = "causal", dilation_rate: int = 1
+) -> tf.Tensor:
+    """Unit-scaled 1-D convolution over (B, T, C_in) with kernel (K, C_in, C_out).
+
+    forward  α = (K·C_in)^-½
+    backward ∂x = β_x·conv_transpose(g) with β_x = (K·C_out)^-½; ∂W = N^-½·(…), ∂b = N^-½·Σg, N = B·T_out
+    padding: "causal" (left pad (K−1)·dilation: output t sees inputs ≤ t), "same" or "valid".
+    """
+    k, c_in, c_out = (int(s) for s in kernel.shape)
+    alpha = (k * c_in) ** -0.5
+    beta_x = (k * c_out) ** -0.5
+    if padding == "causal":
+        x = tf.pad(x, [[0, 0], [(k - 1) * dilation_rate, 0], [0, 0]])
+        tf_padding = "VALID"
+    elif padding in ("same", "valid"):
+        tf_padding = padding.upper()
+    else:
+        raise ValueError(f"padding must be 'causal', 'same' or 'valid', got {padding!r}")
+    x = scale_bwd(x, _ratio(beta_x, alpha))
+    n_out = _conv_rows(x, k, dilation_rate, tf_padding)
+    beta_w = rsqrt(n_out)
+    y = tf.nn.conv1d(x, scaled(kernel, alpha, beta_w), stride=1, padding=tf_padding, dilations=dilation_rate)
+    if bias is not None:
+        y = y + scaled(bias, alpha, beta_w)
+    return y
+
+
+def _conv_rows(x: tf.Tensor, k: int, dilation: int, padding: str) -> int | tf.Tensor:
+    """B·T_out for a stride-1 convolution of ``x`` (already padded for causal)."""
+    shrink = 0 if padding == "SAME" else (k - 1) * dilation
+    b, t = x.shape[0], x.shape[1]
+    if b is not None and t is not None:
+        return max(b * (t - shrink), 1)
+    shape = tf.shape(x)
+    return shape[0] * (shape[1] - shrink)
+
+
+# ------------------------------------------------------------------------------------------- nonlinearities
+# name -> (function, α = 1/std(f(x)), β = 1/rms(f'(x))) for x ~ N(0, 1) (numerical integration; the values of
+# the Unit Scaling paper). Forward normalises the *variance*: sigmoid's output keeps its mean 0.5, so its RMS
+# is ≈ 2.6 — the one documented exception to "RMS ≈ 1" among activations.
+_ACTIVATIONS: dict[str, tuple[Callable[[tf.Tensor], tf.Tensor], float, float]] = {
+    "relu": (tf.nn.relu, 1.7129, 1.4142),
+    "gelu": (functools.partial(tf.nn.gelu, approximate=True), 1.7009, 1.4811),
+    "tanh": (tf.math.tanh, 1.5925, 1.4674),
+    "sigmoid": (tf.math.sigmoid, 4.8013, 4.7226),
+}
+ACTIVATIONS = tuple(_ACTIVATIONS)
+
+
+def activation(x: tf.Tensor, name: str, constrain: bool = False) -> tf.Tensor:
+    """Unit-scaled activation ``y = α·f(x)``, ``∂x = β·f'(x)·g`` (α, β in ``_ACTIVATIONS``).
+
+    constrain=True uses one scale √(α·β) both ways (the exact gradient): required inside a residual branch,
+    where α ≠ β would weight the branch differently from its skip in the backward pass (gelu: ~8 %).
+    """
+    if name not in _ACTIVATIONS:
+        raise ValueError(f"unknown activation {name!r}; choose from {', '.join(ACTIVATIONS)}")
+    fn, alpha, beta = _ACTIVATIONS[name]
+    if constrain:
+        alpha = beta = math.sqrt(alpha * beta)
+    return scaled(fn(x), alpha, beta)
+
+
+def relu(x: tf.Tensor, constrain: bool = False) -> tf.Tensor:
+    """``1.712·relu(x)`` (= √(2/(1−1/π))), backward ``1.414`` (= √2)."""
+    return activation(x, "relu", constrain)
+
+
+def gelu(x: tf.Tensor, constrain: bool = False) -> tf.Tensor:
+    """``1.70·gelu(x)``, backward ``1.48``; constrained: ``1.59`` both ways."""
+    return activation(x, "gelu", constrain)
+
+
+def tanh(x: tf.Tensor, constrain: bool = False) -> tf.Tensor:
+    """``1.593·tanh(x)``, backward ``1.467``."""
+    return activation(x, "tanh", constrain)
+
+
+def sigmoid(x: tf.Tensor, constrain: bool = False) -> tf.Tensor:
+    """``4.802·sigmoid(x)``, backward ``4.722`` (unit *variance*; the output keeps its mean of 0.5)."""
+    return activation(x, "sigmoid", constrain)
+
+
+def softmax(x: tf.Tensor, axis: int = -1) -> tf.Tensor:
+    """``n·softmax(x)`` over an axis of length n, both ways (exact gradient).
+
+    Near-uniform inputs give probabilities ≈ 1/n, so the scale n brings output and gradient to unit RMS.
+    """
+    n = x.shape[axis]
+    return _mul(tf.nn.softmax(x, axis=axis), float(n) if n is not None else tf.cast(tf.shape(x)[axis], x.dtype))
+
+
+# ------------------------------------------------------------------------------------------------------ loss
+def softmax_cross_entropy(logits: tf.Tensor, targets: tf.Tensor, mask: tf.Tensor | None = None) -> tf.Tensor:
+    """Mean cross-entropy over unmasked positions, with a unit-scaled gradient.
+
+    forward  L = Σ_i m_i·CE(x_i, t_i) / Σ_i m_i            (masked positions neither contribute nor count)
+    backward ∂x_i = m_i·V/√(V−1)·(softmax(x_i) − onehot(t_i))·g       (no 1/N)
+
+    At init (softmax ≈ uniform) softmax − onehot has RMS √(V−1)/V per logit, so ∂x is unit-RMS. The loss is
+    computed in float32 whatever the logits' dtype.
+    """
+    vocab = int(logits.shape[-1])
+    targets = tf.cast(targets, tf.int32)
+    m = tf.ones_like(targets, tf.float32) if mask is None else tf.cast(mask, tf.float32)
+    safe_targets = tf.where(m > 0, targets, tf.zeros_like(targets))
+    exact = _EXACT_GRADIENTS
+
+    @tf.custom_gradient
+    def _loss(x: tf.Tensor) -> tuple[tf.Tensor, Callable]:
+        x32 = tf.cast(x, tf.float32)
+        ce = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=safe_targets, logits=x32)
+        count = tf.maximum(tf.reduce_sum(m), 1.0)
+        loss = tf.reduce_sum(ce * m) / count
+
+        def grad(g: tf.Tensor) -> tf.Tensor:
+            delta = tf.nn.softmax(x32) - tf.one_hot(safe_targets, vocab, dtype=tf.float32)
+            scale = 1.0 / count if exact else vocab / math.sqrt(max(vocab - 1, 1))
+            return tf.cast(delta * (m * scale * tf.cast(g, tf.float32))[..., None], x.dtype)
+
+        return loss, grad
+
+    return _loss(logits)
+
+
+# ---------------------------------------------------------------------------------------------------- norms
+def layer_norm(x: tf.Tensor, gain: tf.Tensor, bias: tf.Tensor, epsilon: float = 1e-5) -> tf.Tensor:
+    """Layer norm ``y = γ·(x − μ)/σ + β`` with a closed-form backward (computed in float32).
+
+    backward ∂x exact: (1/σ)·(gγ − mean(gγ) − x̂·mean(gγ·x̂));  ∂γ = N^-½·Σ g·x̂,  ∂β = N^-½·Σ g.
+    """
+    return _norm(x, gain, bias, epsilon, center=True)
+
+
+def rms_norm(x: tf.Tensor, gain: tf.Tensor, epsilon: float = 1e-5) -> tf.Tensor:
+    """RMS norm ``y = γ·x/rms(x)``; backward ∂x exact: (1/r)·(gγ − x̂·mean(gγ·x̂)); ∂γ = N^-½·Σ g·x̂."""
+    return _norm(x, gain, None, epsilon, center=False)
+
+
+def _norm(x: tf.Tensor, gain: tf.Tensor, bias: tf.Tensor | None, epsilon: float, center: bool) -> tf.Tensor:
+    beta_w = 1.0 if _EXACT_GRADIENTS else rsqrt(rows(x))
+    reduce_axes = list(range(len(x.shape) - 1))
+
+    def forward(t: tf.Tensor, gamma: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+        t32 = tf.cast(t, tf.float32)
+        if center:
+            t32 = t32 - tf.reduce_mean(t32, axis=-1, keepdims=True)
+        inv = tf.math.rsqrt(tf.reduce_mean(tf.square(t32), axis=-1, keepdims=True) + epsilon)
+        xhat = t32 * inv
+        return xhat, inv, xhat * tf.cast(gamma, tf.float32)
+
+    def backward(g: tf.Tensor, xhat: tf.Tensor, inv: tf.Tensor, gamma: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        g32 = tf.cast(g, tf.float32)
+        gg = g32 * tf.cast(gamma, tf.float32)
+        dx = gg - xhat * tf.reduce_mean(gg * xhat, axis=-1, keepdims=True)
+        if center:
+            dx = dx - tf.reduce_mean(gg, axis=-1, keepdims=True)
+        dgain = _mul(tf.reduce_sum(g32 * xhat, axis=reduce_axes), beta_w)
+        return dx * inv, dgain
+
+    if bias is None:
+
+        @tf.custom_gradient
+        def _rms(t: tf.Tensor, gamma: tf.Tensor) -> tuple[tf.Tensor, Callable]:
+            xhat, inv, y = forward(t, gamma)
+
+            def grad(g: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+                dx, dgain = backward(g, xhat, inv, gamma)
+                return tf.cast(dx, t.dtype), tf.cast(dgain, gamma.dtype)
+
+            return tf.cast(y, t.dtype), grad
+
+        return _rms(x, gain)
+
+    @tf.custom_gradient
+    def _ln(t: tf.Tensor, gamma: tf.Tensor, b: tf.Tensor) -> tuple[tf.Tensor, Callable]:
+        xhat, inv, y = forward(t, gamma)
+
+        def grad(g: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+            dx, dgain = backward(g, xhat, inv, gamma)
+            dbias = _mul(tf.reduce_sum(tf.cast(g, tf.float32), axis=reduce_axes), beta_w)
+            return tf.cast(dx, t.dtype), tf.cast(dgain, gamma.dtype), tf.cast(dbias, b.dtype)
+
+        return tf.cast(y + tf.cast(b, tf.float32), t.dtype), grad
+
+    return _ln(x, gain, bias)
+
+
+# ------------------------------------------------------------------------------------------ combining paths
+def residual_add(x: tf.Tensor, branch: Callable[[tf.Tensor], tf.Tensor], tau: float) -> tf.Tensor:
+    """Residual connection ``y = (τ·f(x) + x)/√(1+τ²)`` around the callable ``branch`` f.
+
+    With a = τ/√(1+τ²), b = 1/√(1+τ²): forward y = a·f(x) + b·x keeps unit scale for unit f(x) and x.
+    backward: the branch's interior sees g itself (×1/a compared with autodiff, so its weights get unit
+    gradients), and the gradient leaving the branch is multiplied by a again: ∂x = b·g + a·J_fᵀg, exact.
+    """
+    a = tau / math.sqrt(1.0 + tau * tau)
+    b = 1.0 / math.sqrt(1.0 + tau * tau)
+    f = branch(scale_bwd(x, a))
+    return scale_fwd(f, a) + _mul(x, b)
+
+
+def add(a: tf.Tensor, b: tf.Tensor) -> tf.Tensor:
+    """Sum of two independent unit tensors, ``2^-½·(a + b)`` both ways (exact)."""
+    return (a + b) * math.sqrt(0.5)
+
+
+def dropout(x: tf.Tensor, rate: float, training: bool = False, seed: keras.random.SeedGenerator | None = None) -> tf.Tensor:
+    """``√(1−p)·dropout(x)``, i.e. kept values × (1−p)^-½ (not (1−p)^-1): preserves RMS; gradient exact."""
+    if not training or rate <= 0.0:
+        return x
+    return keras.random.dropout(x, rate, seed=seed) * math.sqrt(1.0 - rate)
+
+
+# ---------------------------------------------------------------------------------------------- attention
+def attention_grad_scale(head_dim: int) -> float:
+    """Extra scale c on ∂q, ∂k inside :func:`attention`: c = √d.
+
+    With logits q·kᵀ/d and unit q, k, attention at init is near-uniform and its true ∂q, ∂k have RMS ≈ d^-½
+    (the reference library's 0.11 at d = 64 with a fixed output scale). Multiplying them by √d brings them to
+    ≈ 1; :func:`multi_head_attention` divides the q/k projections' input gradients by the same c, so only the
+    q/k *weight* gradients keep the factor (a cut edge) and the gradient leaving the block stays exact.
+    """
+    return math.sqrt(head_dim)
+
+
+def attention(
+    q: tf.Tensor,
+    k: tf.Tensor,
+    v: tf.Tensor,
+    causal: bool = True,
+    padding_mask: tf.Tensor | None = None,
+    qk_grad_scale: float = 1.0,
+) -> tf.Tensor:
+    """Unit-scaled scaled-dot-product attention on (B, H, T, d) tensors.
+
+    forward  o_i = √n_i · Σ_j softmax_j(q_i·k_jᵀ/d + mask)·v_j, where n_i is the number of keys query i may see
+             (i+1 when causal; valid keys with a padding mask). Averaging n_i near-independent unit vectors
+             has RMS n_i^-½, so √n_i keeps every position at unit scale. Unlike a single s = √(S/H_S), this
+             does not depend on the sequence length: a cached, token-by-token decode gives the same outputs.
+    backward exact for v (same √n_i); ∂q and ∂k are exact times ``qk_grad_scale`` (see
+             :func:`attention_grad_scale`; 1 leaves the op exact).
+    The 1/d logit scale (u-μP) rather than 1/√d keeps attention near-uniform at init for any width.
+    """
+    head_dim = int(q.shape[-1])
+    q = scale_bwd(q, qk_grad_scale)
+    k = scale_bwd(k, qk_grad_scale)
+    scores = tf.matmul(q, k, transpose_b=True) * (1.0 / head_dim)
+    t_q, t_k = tf.shape(q)[2], tf.shape(k)[2]
+    visible = None
+    if causal:
+        # query i (of the last t_q positions) sees keys j <= i + (t_k − t_q)
+        row = tf.range(t_q)[:, None] + (t_k - t_q)
+        visible = tf.range(t_k)[None, :] <= row
+        visible = visible[None, None]
+    if padding_mask is not None:
+        keys = tf.cast(padding_mask, tf.bool)[:, None, None, :]
+        visible = keys if visible is None else tf.logical_and(visible, keys)
+    if visible is None:
+        count = tf.cast(t_k, scores.dtype)
+        probs = tf.nn.softmax(scores, axis=-1)
+    else:
+        visible = tf.broadcast_to(visible, tf.shape(scores))
+        scores = tf.where(visible, scores, tf.cast(scores.dtype.min, scores.dtype) * 0.5)
+        probs = tf.nn.softmax(scores, axis=-1)
+        count = tf.maximum(tf.reduce_sum(tf.cast(visible, scores.dtype), axis=-1, keepdims=True), 1.0)
+    return tf.matmul(probs, v) * tf.sqrt(count)
+
+
+def multi_head_attention(
+    x: tf.Tensor,
+    kernels: tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor],
+    biases: tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor] | None,
+    num_heads: int,
+    causal: bool = True,
+    padding_mask: tf.Tensor | None = None,
+) -> tf.Tensor:
+    """Self-attention block: q, k, v = dense(x); o = dense(concat_heads(attention(q, k, v))).
+
+    Scale trade inside the branch: attention multiplies ∂q, ∂k by c = √d_head so the q/k weight gradients are
+    unit, and the q/k projections take β_x = width^-½ / c, so the gradient reaching x is exact.
+    """
+    wq, wk, wv, wo = kernels
+    bq, bk, bv, bo = biases if biases is not None else (None,) * 4
+    width = int(wq.shape[1])
+    head_dim = width // num_heads
+    c = 1.0 if _EXACT_GRADIENTS else attention_grad_scale(head_dim)
+    beta_qk = width**-0.5 / c
+
+    def heads(t: tf.Tensor) -> tf.Tensor:
+        shape = tf.shape(t)
+        return tf.transpose(tf.reshape(t, [shape[0], shape[1], num_heads, head_dim]), [0, 2, 1, 3])
+
+    q = heads(dense(x, wq, bq, grad_input_scale=beta_qk))
+    k = heads(dense(x, wk, bk, grad_input_scale=beta_qk))
+    v = heads(dense(x, wv, bv))
+    o = attention(q, k, v, causal=causal, padding_mask=padding_mask, qk_grad_scale=c)
+    o = tf.transpose(o, [0, 2, 1, 3])
+    shape = tf.shape(o)
+    o = tf.reshape(o, [shape[0], shape[1], width])
+    return dense(o, wo, bo)
+
+
+def mlp(
+    x: tf.Tensor,
+    up: tuple[tf.Tensor, tf.Tensor | None],
+    down: tuple[tf.Tensor, tf.Tensor | None],
+    activation_name: str = "gelu",
+) -> tf.Tensor:
+    """Feed-forward branch ``dense_down(act(dense_up(x)))`` with consistent gradients.
+
+    up (d→h): α = d^-½, β_x = h^-½;  down (h→d): α = h^-½, β_x = d^-½. Their β/α ratios (√(d/h), √(h/d))
+    cancel along the path, and the activation is constrained (one scale both ways), so ∂x is exact.
+    """
+    h = dense(x, up[0], up[1])
+    h = activation(h, activation_name, constrain=True)
+    return dense(h, down[0], down[1])
+
+
+# ----------------------------------------------------------------------------------------------- pooling
+@functools.lru_cache(maxsize=256)
+def max_of_normals_rms(n: int) -> float:
+    """√E[max(z_1..z_n)²] for iid z ~ N(0, 1), by numerical integration of n·φ(x)·Φ(x)^(n−1)."""
+    x = np.linspace(-12.0, 12.0, 48001)
+    phi = np.exp(-0.5 * x * x) / math.sqrt(2.0 * math.pi)
+    cdf = 0.5 * (1.0 + np.vectorize(math.erf)(x / math.sqrt(2.0)))
+    density = n * phi * cdf ** (n - 1)
+    return float(math.sqrt(np.sum(x * x * density) * (x[1] - x[0])))
+
+
+@functools.lru_cache(maxsize=256)
+def windowed_max_grad_rms(window: int) -> float:
+    """RMS of ∂x for a stride-1 max pool of width w over iid inputs and unit g.
+
+    Input t wins the windows s containing it where it is the maximum; E[count²] = Σ_{s,s'} 1/(w + |s − s'|)
+    (two windows both won ⇔ t is the max of their union, of size w + |s − s'|).
+    """
+    return math.sqrt(sum(1.0 / (window + abs(s - r)) for s in range(window) for r in range(window)))
+
+
+def pool(
+    x: tf.Tensor,
+    mode: str = "max",
+    pool_size: int | None = None,
+    padding_mask: tf.Tensor | None = None,
+) -> tf.Tensor:
+    """Unit-scaled pooling over the time axis of (B, T, C).
+
+    pool_size=None: global pooling → (B, C). Otherwise windowed and causal, stride 1 → (B, T, C): output t
+    pools inputs t−w+1 … t (left-padded), so a language model never sees the future.
+    average: Σ/√n instead of Σ/n (n inputs per output), backward exact (global: ∂x = g/√n, windowed: unit).
+    max:     forward 1/√E[max_n²] (:func:`max_of_normals_rms`); backward √n for global (one input in n gets
+             the gradient), 1/:func:`windowed_max_grad_rms` for windows.
+    padding_mask (B, T) removes padded positions from global pools (n counts valid positions).
+    """
+    if mode not in ("max", "average"):
+        raise ValueError(f"pool mode must be 'max' or 'average', got {mode!r}")
+    if pool_size is None:
+        return _global_pool(x, mode, padding_mask)
+    w = int(pool_size)
+    if mode == "average":
+        padded = tf.pad(x, [[0, 0], [w - 1, 0], [0, 0]])
+        return tf.nn.avg_pool1d(padded, w, 1, "VALID") * math.sqrt(w)
+    padded = tf.pad(x, [[0, 0], [w - 1, 0], [0, 0]], constant_values=x.dtype.min)
+    pooled = tf.nn.max_pool1d(padded, w, 1, "VALID")
+    return scaled(pooled, 1.0 / max_of_normals_rms(w), 1.0 / windowed_max_grad_rms(w))
+
+
+def _global_pool(x: tf.Tensor, mode: str, padding_mask: tf.Tensor | None) -> tf.Tensor:
+    t = x.shape[1]
+    if padding_mask is None:
+        valid = None
+        count = tf.cast(tf.shape(x)[1], tf.float32)
+    else:
+        valid = tf.cast(padding_mask, x.dtype)[..., None]
+        count = tf.maximum(tf.reduce_sum(tf.cast(padding_mask, tf.float32), axis=1, keepdims=True), 1.0)
+    if mode == "average":
+        summed = tf.reduce_sum(x if valid is None else x * valid, axis=1)
+        return summed * tf.cast(tf.math.rsqrt(count), x.dtype)
+    masked = x if valid is None else tf.where(valid > 0, x, tf.cast(x.dtype.min, x.dtype))
+    pooled = tf.reduce_max(masked, axis=1)
+    n = int(t) if t is not None else 64
+    return scaled(pooled, 1.0 / max_of_normals_rms(n), math.sqrt(n))
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def _ratio(num: Scale, den: Scale) -> Scale:
+    if _is_python_number(num) and _is_python_number(den):
+        return num / den
+    return tf.cast(num, tf.float32) / tf.cast(den, tf.float32)
+
+
+def _times(a: Scale, b: Scale) -> Scale:
+    if _is_python_number(a) and _is_python_number(b):
+        return a * b
+    return tf.cast(a, tf.float32) * tf.cast(b, tf.float32)
