@@ -4,9 +4,34 @@ Importing the package registers every custom layer, constraint and loss with Ker
 ``keras.models.load_model("run/model.keras")`` works in a fresh process after ``import llm_unitscale``.
 """
 
-from llm_unitscale import constraints, layers, models, ops
-from llm_unitscale.constraints import UnitScaling
-from llm_unitscale.models import build_model
+import os as _os
+import sys as _sys
+
+
+def _import_tensorflow_quietly() -> None:
+    """Import TensorFlow with its C++ start-up banners (oneDNN, CUDA probing) hidden.
+
+    They are written to fd 2 before Python logging exists, so fd 2 is pointed at /dev/null during the import.
+    Set TF_CPP_MIN_LOG_LEVEL yourself (e.g. 0) to keep TensorFlow's C++ logs.
+    """
+    _os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    if "tensorflow" in _sys.modules:
+        return
+    saved = _os.dup(2)
+    try:
+        with open(_os.devnull, "w") as devnull:
+            _os.dup2(devnull.fileno(), 2)
+            import tensorflow  # noqa: F401
+    finally:
+        _os.dup2(saved, 2)
+        _os.close(saved)
+
+
+_import_tensorflow_quietly()
+
+from llm_unitscale import constraints  # noqa: E402, layers, models, ops
+from llm_unitscale.constraints import UnitScaling  # noqa: E402
+from llm_unitscale.models import build_model  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = ["UnitScaling", "build_model", "constraints", "layers", "models", "ops", "__version__"]

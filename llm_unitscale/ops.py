@@ -144,7 +144,7 @@ def dense(
 def readout(
     x: tf.Tensor, kernel: tf.Tensor, bias: tf.Tensor | None = None, logit_scale: tf.Tensor | None = None
 ) -> tf.Tensor:
-    """Unit-scaled readout to V logits: ``y = s·α·(xW + b)`` with a learnable scalar logit scale s (init 1).
+    """Unit-scaled readout to V logits: ``y = s·α·xW + α·b`` with a learnable scalar logit scale s (init 1).
 
     forward  α = fan_in^-½ (the u-μP alternative, α = 1/fan_in, leaves logits at RMS ≈ fan_in^-½ at init;
              we take DESIGN's other option: fan_in^-½ and a learnable s, so logits start at unit scale)
@@ -512,16 +512,6 @@ def max_of_normals_rms(n: int) -> float:
     return float(math.sqrt(np.sum(x * x * density) * (x[1] - x[0])))
 
 
-@functools.lru_cache(maxsize=256)
-def windowed_max_grad_rms(window: int) -> float:
-    """RMS of ∂x for a stride-1 max pool of width w over iid inputs and unit g.
-
-    Input t wins the windows s containing it where it is the maximum; E[count²] = Σ_{s,s'} 1/(w + |s − s'|)
-    (two windows both won ⇔ t is the max of their union, of size w + |s − s'|).
-    """
-    return math.sqrt(sum(1.0 / (window + abs(s - r)) for s in range(window) for r in range(window)))
-
-
 def pool(
     x: tf.Tensor,
     mode: str = "max",
@@ -532,9 +522,11 @@ def pool(
 
     pool_size=None: global pooling → (B, C). Otherwise windowed and causal, stride 1 → (B, T, C): output t
     pools inputs t−w+1 … t (left-padded), so a language model never sees the future.
-    average: Σ/√n instead of Σ/n (n inputs per output), backward exact (global: ∂x = g/√n, windowed: unit).
-    max:     forward 1/√E[max_n²] (:func:`max_of_normals_rms`); backward √n for global (one input in n gets
-             the gradient), 1/:func:`windowed_max_grad_rms` for windows.
+    average: Σ/√n instead of Σ/n (n inputs per output). Windowed: backward exact (each input collects w
+             gradients × w^-½: unit). Global: backward ∂x = g (β = 1 on the sum, i.e. √n × the exact g/√n).
+    max:     forward 1/√E[max_n²] (:func:`max_of_normals_rms`). Backward: global √n (one input in n gets the
+             gradient); windowed 1 (with independent g per output, an input that wins c windows collects
+             c independent gradients, and E[c] = 1).
     padding_mask (B, T) removes padded positions from global pools (n counts valid positions).
     """
     if mode not in ("max", "average"):
@@ -547,7 +539,7 @@ def pool(
         return tf.nn.avg_pool1d(padded, w, 1, "VALID") * math.sqrt(w)
     padded = tf.pad(x, [[0, 0], [w - 1, 0], [0, 0]], constant_values=x.dtype.min)
     pooled = tf.nn.max_pool1d(padded, w, 1, "VALID")
-    return scaled(pooled, 1.0 / max_of_normals_rms(w), 1.0 / windowed_max_grad_rms(w))
+    return scaled(pooled, 1.0 / max_of_normals_rms(w), 1.0)
 
 
 def _global_pool(x: tf.Tensor, mode: str, padding_mask: tf.Tensor | None) -> tf.Tensor:
@@ -560,7 +552,7 @@ def _global_pool(x: tf.Tensor, mode: str, padding_mask: tf.Tensor | None) -> tf.
         count = tf.maximum(tf.reduce_sum(tf.cast(padding_mask, tf.float32), axis=1, keepdims=True), 1.0)
     if mode == "average":
         summed = tf.reduce_sum(x if valid is None else x * valid, axis=1)
-        return summed * tf.cast(tf.math.rsqrt(count), x.dtype)
+        return scaled(summed, tf.math.rsqrt(count), 1.0)
     masked = x if valid is None else tf.where(valid > 0, x, tf.cast(x.dtype.min, x.dtype))
     pooled = tf.reduce_max(masked, axis=1)
     n = int(t) if t is not None else 64

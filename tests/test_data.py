@@ -366,7 +366,7 @@ def test_dataset_file_jieba_continuation() -> None:
         words = [w for w in jieba.lcut(line) if w.strip()]
         following += [
             c
-            for a, b, c in zip(words, words[1:], words[2:])
+            for a, b, c in zip(words, words[1:], words[2:], strict=False)
             if (a, b) == ("我", "喜欢")
         ]
     assert following.count("编程") >= 0.6 * len(following) > 0

@@ -1,0 +1,140 @@
+"""Evaluation metrics (DESIGN §6): next-token accuracy, perplexity and bits per character for a language
+model; accuracy, macro-F1, per-class scores and a confusion matrix for a classifier."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+from llm_unitscale import data as data_mod
+from llm_unitscale.inference import softmax
+from llm_unitscale.runs import Run
+from llm_unitscale.training import lm_ids
+
+
+def lm_chunks(ids: np.ndarray, seq_len: int) -> list[np.ndarray]:
+    """Consecutive pieces of ``seq_len + 1`` ids overlapping by one, so every id after the first is a target
+    exactly once (the last piece may be shorter)."""
+    return [ids[start : start + seq_len + 1] for start in range(0, max(len(ids) - 1, 0), seq_len)]
+
+
+def evaluate_lm(run: Run, text: str, batch_size: int = 32) -> dict:
+    """Mean NLL (nats/token), perplexity, top-1/top-5 accuracy, bits per character, per-position loss."""
+    ids = lm_ids(run.tokenizer, run.vocab, text)
+    if len(ids) < 2:
+        raise data_mod.DataError("the evaluation text has fewer than 2 tokens")
+    ids = np.concatenate([[run.vocab.eos_id], ids]).astype(np.int32)  # the first line starts after an <eos>
+    chunks = lm_chunks(ids, run.seq_len)
+    nll_sum, top1, top5, count = 0.0, 0, 0, 0
+    position_nll = np.zeros(run.seq_len)
+    position_count = np.zeros(run.seq_len)
+    full = [c for c in chunks if len(c) == run.seq_len + 1]
+    groups = [np.stack(full[i : i + batch_size]) for i in range(0, len(full), batch_size)]
+    groups += [c[None] for c in chunks if len(c) != run.seq_len + 1]
+    for group in groups:
+        x, y = group[:, :-1], group[:, 1:]
+        logp = np.log(np.maximum(softmax(np.asarray(run.model(x, training=False))), 1e-300))
+        nll = -np.take_along_axis(logp, y[..., None], axis=-1)[..., 0]
+        ranks = np.sum(logp > np.take_along_axis(logp, y[..., None], axis=-1), axis=-1)
+        nll_sum += float(nll.sum())
+        top1 += int(np.sum(ranks == 0))
+        top5 += int(np.sum(ranks < 5))
+        count += nll.size
+        position_nll[: nll.shape[1]] += nll.sum(axis=0)
+        position_count[: nll.shape[1]] += nll.shape[0]
+    loss = nll_sum / count
+    targets = ids[1:]
+    words = targets[targets != run.vocab.eos_id]
+    return {
+        "task": "lm",
+        "loss": loss,
+        "perplexity": math.exp(min(loss, 700.0)),
+        "accuracy": top1 / count,
+        "top5_accuracy": top5 / count,
+        "bits_per_char": nll_sum / math.log(2) / max(len(text), 1),
+        "tokens": int(count),
+        "unk_rate": float(np.mean(words == run.vocab.unk_id)) if len(words) else 0.0,
+        "examples": len(chunks),
+        "position_loss": (position_nll / np.maximum(position_count, 1)).tolist(),
+    }
+
+
+def evaluate_classify(run: Run, lines: list[str], batch_size: int = 64) -> dict:
+    """Accuracy, macro-F1 over the model's labels, per-class precision/recall/F1/support, confusion matrix.
+
+    Labels the model has never seen count as errors and are listed under ``unseen_labels``."""
+    gold, texts = data_mod.parse_labelled(lines)
+    if not gold:
+        raise data_mod.DataError("no labelled lines to evaluate (expected '__label__X text' or 'X<TAB>text')")
+    known = run.labels
+    index = {name: i for i, name in enumerate(known)}
+    tokenizer, vocab = run.tokenizer, run.vocab
+    predicted = []
+    for start in range(0, len(texts), batch_size):
+        encoded = [vocab.encode(tokenizer.tokenize(t))[: run.seq_len] or [vocab.unk_id] for t in texts[start : start + batch_size]]
+        batch = np.zeros((len(encoded), max(map(len, encoded))), dtype=np.int32)
+        for row, ids in enumerate(encoded):
+            batch[row, : len(ids)] = ids
+        predicted.extend(np.argmax(np.asarray(run.model(batch, training=False)), axis=-1).tolist())
+    unseen = sorted({g for g in gold if g not in index})
+    gold_ids = np.array([index.get(g, -1) for g in gold])
+    pred_ids = np.array(predicted)
+    confusion = np.zeros((len(known), len(known)), dtype=int)
+    for g, p in zip(gold_ids, pred_ids, strict=True):
+        if g >= 0:
+            confusion[g, p] += 1
+    per_class = {}
+    for i, name in enumerate(known):
+        tp = confusion[i, i]
+        precision = tp / max(int(np.sum(pred_ids == i)), 1)
+        recall = tp / max(int(confusion[i].sum()), 1)
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        per_class[name] = {"precision": float(precision), "recall": float(recall), "f1": float(f1),
+                           "support": int(confusion[i].sum())}
+    present = [c for c in per_class.values() if c["support"]]
+    result = {
+        "task": "classify",
+        "accuracy": float(np.mean(gold_ids == pred_ids)),
+        "macro_f1": float(np.mean([c["f1"] for c in present])) if present else 0.0,
+        "per_class": per_class,
+        "confusion": confusion.tolist(),
+        "labels": known,
+        "examples": len(gold),
+    }
+    if unseen:
+        result["unseen_labels"] = {name: gold.count(name) for name in unseen}
+    return result
+
+
+def plot(metrics: dict, path: Path) -> None:
+    """Confusion matrix (classify) or loss per position in the context window (lm), saved as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 5))
+    if metrics["task"] == "classify":
+        matrix = np.asarray(metrics["confusion"])
+        ax.imshow(matrix, cmap="Blues")
+        ticks = range(len(metrics["labels"]))
+        ax.set_xticks(ticks, metrics["labels"], rotation=45, ha="right")
+        ax.set_yticks(ticks, metrics["labels"])
+        for (r, c), v in np.ndenumerate(matrix):
+            ax.text(c, r, str(v), ha="center", va="center")
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        ax.set_title(f"confusion matrix (accuracy {metrics['accuracy']:.1%})")
+    else:
+        ax.plot(range(1, len(metrics["position_loss"]) + 1), metrics["position_loss"])
+        ax.set_xlabel("position in the context window")
+        ax.set_ylabel("mean NLL (nats)")
+        ax.set_title(f"loss by position (perplexity {metrics['perplexity']:.1f})")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)

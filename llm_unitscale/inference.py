@@ -1,0 +1,111 @@
+"""Inference on a loaded run: next-token distributions, sampled continuations, and class labels."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from llm_unitscale.runs import Run
+
+
+class InputError(ValueError):
+    """Unusable input text (e.g. an empty sentence)."""
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Numerically stable softmax in float64 over the last axis."""
+    z = np.asarray(logits, dtype=np.float64)
+    z = z - z.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def encode_prompt(run: Run, text: str) -> tuple[list[int], list[str]]:
+    """Prompt ids for a language model — ``<eos>`` (the line start it was trained with) then the tokens —
+    truncated from the left to the model's context; plus notes to show the user."""
+    tokens = run.tokenizer.tokenize(text)
+    if not text.strip() or not tokens:
+        raise InputError(f"empty input sentence {text!r}: nothing to predict from")
+    ids = run.vocab.encode(tokens)
+    notes = []
+    unknown = sum(i == run.vocab.unk_id for i in ids)
+    if unknown == len(ids):
+        notes.append("every word of the input is unknown to the model; the prediction is a guess from context alone")
+    elif unknown:
+        notes.append(f"{unknown} of {len(ids)} input tokens are unknown to the model")
+    ids = [run.vocab.eos_id, *ids] if run.task == "lm" else ids
+    if len(ids) > run.seq_len:
+        notes.append(f"input has {len(ids)} tokens, longer than the context of {run.seq_len}: kept the last {run.seq_len}"
+                     if run.task == "lm" else
+                     f"input has {len(ids)} tokens, longer than {run.seq_len}: kept the first {run.seq_len}")
+        ids = ids[-run.seq_len:] if run.task == "lm" else ids[: run.seq_len]
+    return ids, notes
+
+
+def _last_logits(run: Run, ids: list[int]) -> np.ndarray:
+    logits = run.model(np.asarray([ids[-run.seq_len:]], dtype=np.int32), training=False)
+    return np.asarray(logits, dtype=np.float64)[0, -1]
+
+
+def next_tokens(run: Run, text: str, top_k: int = 5) -> dict:
+    """The ``top_k`` most likely next tokens after ``text`` with their probabilities."""
+    ids, notes = encode_prompt(run, text)
+    probs = softmax(_last_logits(run, ids))
+    probs[[run.vocab.pad_id, run.vocab.bos_id]] = 0.0  # never targets in training
+    order = np.argsort(-probs)[:top_k]
+    result = {"input": text, "next": [{"token": run.vocab.id_to_token(int(i)), "prob": float(probs[i])} for i in order]}
+    if notes:
+        result["notes"] = notes
+    return result
+
+
+def sample(probs: np.ndarray, rng: np.random.Generator, temperature: float = 1.0, top_p: float = 1.0) -> int:
+    """Draw a token id from ``probs`` with temperature (0 = greedy) and nucleus (top-p) filtering."""
+    if temperature <= 0:
+        return int(np.argmax(probs))
+    logp = np.log(np.maximum(probs, 1e-300)) / temperature
+    p = softmax(logp)
+    if top_p < 1.0:
+        order = np.argsort(-p)
+        keep = order[: int(np.searchsorted(np.cumsum(p[order]), top_p) + 1)]
+        mask = np.zeros_like(p)
+        mask[keep] = 1.0
+        p = p * mask / np.sum(p * mask)
+    return int(rng.choice(len(p), p=p))
+
+
+def generate(run: Run, text: str, steps: int, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0) -> str:
+    """Sample up to ``steps`` tokens after ``text`` (stopping at end of line); returns the continuation text."""
+    ids, _ = encode_prompt(run, text)
+    rng = np.random.default_rng(seed)
+    new: list[int] = []
+    for _ in range(steps):
+        probs = softmax(_last_logits(run, ids + new))
+        probs[[run.vocab.pad_id, run.vocab.bos_id, run.vocab.unk_id]] = 0.0
+        token = sample(probs / probs.sum(), rng, temperature, top_p)
+        if token == run.vocab.eos_id:
+            break
+        new.append(token)
+    return run.tokenizer.detokenize(run.vocab.decode(new))
+
+
+def classify(run: Run, texts: list[str], top_k: int = 1) -> list[dict]:
+    """Label and probability for each text (and the ``top_k`` best labels)."""
+    encoded = [encode_prompt(run, t) for t in texts]
+    width = max(len(ids) for ids, _ in encoded)
+    batch = np.zeros((len(texts), width), dtype=np.int32)
+    for row, (ids, _) in enumerate(encoded):
+        batch[row, : len(ids)] = ids
+    probs = softmax(np.asarray(run.model(batch, training=False)))
+    results = []
+    for text, (_, notes), p in zip(texts, encoded, probs, strict=True):
+        order = np.argsort(-p)
+        result = {
+            "input": text,
+            "label": run.labels[order[0]],
+            "prob": float(p[order[0]]),
+            "top": [{"label": run.labels[i], "prob": float(p[i])} for i in order[: max(top_k, 1)]],
+        }
+        if notes:
+            result["notes"] = notes
+        results.append(result)
+    return results

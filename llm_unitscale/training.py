@@ -1,0 +1,390 @@
+"""Training: text file → tokenizer, vocabulary, Word2Vec-initialised model → ``model.fit`` → run folder.
+
+Optimiser: AdamW with linear warm-up and cosine decay (``keras.optimizers.schedules.CosineDecay``). Unit-scaled
+gradients differ from the true gradient by one constant per tensor, which Adam ignores, and unit-scaled models
+want a much larger learning rate than stock Keras ones (``DEFAULT_LR``, chosen by ``benchmarks/lr_sweep.py``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+import keras
+import numpy as np
+
+from llm_unitscale import data as data_mod
+from llm_unitscale import runs
+
+#: Default peak learning rate: unit-scaled vs stock Keras baseline (see benchmarks/lr_sweep.py).
+DEFAULT_LR = {True: 1e-2, False: 3e-3}
+PRECISIONS = {"float32": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
+
+
+class ConfigError(ValueError):
+    """An impossible option value (exit status 2)."""
+
+
+@dataclass
+class TrainConfig:
+    """Every hyper-parameter of a run; saved as config.json (with tokenizer, labels, versions, data hash)."""
+
+    data: str = "data/dataset.txt"
+    out: str = "runs/default"
+    task: str = "auto"
+    arch: str = "transformer"
+    tokenizer: str = "word"
+    lowercase: bool = False
+    epochs: int = 30
+    max_steps: int | None = None
+    batch_size: int = 16
+    seq_len: int = 64
+    width: int = 128
+    depth: int = 4
+    heads: int = 4
+    lr: float | None = None
+    warmup_steps: int = 50
+    weight_decay: float = 0.0
+    dropout: float = 0.0
+    tau: float = 0.5
+    constraint: str | None = "rms"
+    precision: str = "float32"
+    unit_scaling: bool = True
+    embeddings: str = "word2vec"
+    min_count: int = 1
+    max_vocab: int | None = 20000
+    val_fraction: float = 0.1
+    seed: int = 0
+    jit_compile: bool = True
+    encoding: str = "utf-8"
+    errors: str = "strict"
+    resume: bool = False
+    overwrite: bool = False
+
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else DEFAULT_LR[self.unit_scaling]
+
+    def validate(self) -> None:
+        """Reject impossible sizes with a one-line ValueError before any work is done."""
+        for name in ("epochs", "batch_size", "seq_len", "width", "depth", "heads", "min_count"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+        limits = {"seq_len": 8192, "width": 8192, "depth": 128, "batch_size": 65536}
+        for name, top in limits.items():
+            if getattr(self, name) > top:
+                raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)} is too large (at most {top})")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ConfigError(f"--max-steps must be a positive integer, got {self.max_steps}")
+        if self.arch == "transformer" and self.width % self.heads:
+            raise ConfigError(f"--width {self.width} must be divisible by --heads {self.heads}")
+        if not 0.0 < self.val_fraction < 0.5:
+            raise ConfigError(f"--val-fraction must be in (0, 0.5), got {self.val_fraction}")
+        if self.lr is not None and not (0.0 < self.lr < 10.0):
+            raise ConfigError(f"--lr must be in (0, 10), got {self.lr}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision}")
+
+
+@dataclass
+class Corpus:
+    """The tokenised training and validation data of a run."""
+
+    task: str
+    tokenizer: Any
+    vocab: Any
+    labels: list[str] | None
+    train: Any  # lm: np.ndarray of ids; classify: (token id lists, label ids)
+    val: Any
+    val_text: str
+    token_lines: list[list[str]]  # training tokens per line (for Word2Vec)
+
+
+def split_tail(text: str, fraction: float) -> tuple[str, str]:
+    """Split off the last ``fraction`` of the text at a line break (or a space) near that point."""
+    cut = int(len(text) * (1.0 - fraction))
+    for sep in ("\n", " "):
+        at = text.rfind(sep, 0, cut)
+        if at > len(text) * (1.0 - 2.5 * fraction):
+            return text[: at + 1], text[at + 1 :]
+    return text[:cut], text[cut:]
+
+
+def lm_ids(tokenizer: Any, vocab: Any, text: str) -> np.ndarray:
+    """Token ids of a text for language modelling: each line's tokens followed by ``<eos>``."""
+    ids: list[int] = []
+    for line in text.split("\n"):
+        tokens = tokenizer.tokenize(line)
+        if tokens:
+            ids.extend(vocab.encode(tokens))
+            ids.append(vocab.eos_id)
+    return np.asarray(ids, dtype=np.int32)
+
+
+def prepare_corpus(cfg: TrainConfig, text: str) -> Corpus:
+    """Detect the task, split train/validation, tokenise and build the vocabulary from the training part."""
+    from llm_unitscale.preprocessing import Tokenizer, Vocabulary
+
+    path = cfg.data
+    lines = text.split("\n")
+    task = cfg.task if cfg.task != "auto" else data_mod.detect_task(lines, path)
+    tokenizer = Tokenizer(mode=cfg.tokenizer, lowercase=cfg.lowercase)
+    if task == "lm":
+        train_text, val_text = split_tail(text, cfg.val_fraction)
+        token_lines = [t for t in (tokenizer.tokenize(line) for line in train_text.split("\n")) if t]
+        if not token_lines:
+            raise data_mod.DataError(path, "no tokens found (only punctuation or symbols the tokenizer drops?)")
+        vocab = Vocabulary.build(token_lines, min_count=cfg.min_count, max_size=cfg.max_vocab)
+        train_ids, val_ids = lm_ids(tokenizer, vocab, train_text), lm_ids(tokenizer, vocab, val_text)
+        need = cfg.seq_len + 1
+        if len(train_ids) < need or len(val_ids) < need:
+            have = len(train_ids) + len(val_ids)
+            raise data_mod.DataError(
+                path,
+                f"too short: {have} tokens, but --seq-len {cfg.seq_len} needs at least "
+                f"{math.ceil(need / cfg.val_fraction)} (or pass a smaller --seq-len)",
+            )
+        return Corpus(task, tokenizer, vocab, None, train_ids, val_ids, val_text, token_lines)
+
+    labels, texts = data_mod.parse_labelled(lines)
+    names = sorted(set(labels))
+    if len(names) < 2:
+        raise data_mod.DataError(path, f"a classifier needs at least 2 labels, found {len(names)}: {names}")
+    (train_labels, train_texts), (val_labels, val_texts) = data_mod.classify_split(
+        labels, texts, cfg.val_fraction, cfg.seed
+    )
+    token_lines = [tokenizer.tokenize(t) for t in train_texts]
+    vocab = Vocabulary.build([t for t in token_lines if t], min_count=cfg.min_count, max_size=cfg.max_vocab)
+    index = {name: i for i, name in enumerate(names)}
+
+    def encode(label_list: list[str], text_list: list[str]) -> tuple[list[list[int]], list[int]]:
+        return [vocab.encode(tokenizer.tokenize(t)) or [vocab.unk_id] for t in text_list], [
+            index[label] for label in label_list
+        ]
+
+    val_text = "".join(f"__label__{label} {t}\n" for label, t in zip(val_labels, val_texts, strict=True))
+    return Corpus(
+        task, tokenizer, vocab, names, encode(train_labels, train_texts), encode(val_labels, val_texts),
+        val_text, token_lines,
+    )
+
+
+def datasets(cfg: TrainConfig, corpus: Corpus) -> tuple[Any, Any, int]:
+    """(train dataset, validation dataset, steps per epoch)."""
+    if corpus.task == "lm":
+        train = data_mod.lm_dataset(corpus.train, cfg.seq_len, cfg.batch_size, shuffle=True, seed=cfg.seed)
+        val = data_mod.lm_dataset(corpus.val, cfg.seq_len, cfg.batch_size, shuffle=False)
+        steps = max(1, (len(corpus.train) // cfg.seq_len) // cfg.batch_size)
+        return train, val, steps
+    train = data_mod.classify_dataset(*corpus.train, cfg.batch_size, cfg.seq_len, shuffle=True, seed=cfg.seed)
+    val = data_mod.classify_dataset(*corpus.val, cfg.batch_size, cfg.seq_len, shuffle=False)
+    return train, val, max(1, math.ceil(len(corpus.train[1]) / cfg.batch_size))
+
+
+def init_embeddings(cfg: TrainConfig, corpus: Corpus, model: Any, work: Path, log: TextIO) -> dict:
+    """Initialise the token embedding table from Word2Vec (trained here) or the user's vectors."""
+    from llm_unitscale.preprocessing import embeddings as emb
+
+    if cfg.embeddings == "none":
+        return {"embeddings": "none"}
+    if cfg.embeddings == "word2vec":
+        print(f"training Word2Vec ({cfg.width} dims) on {len(corpus.token_lines)} lines", file=log)
+        kv = emb.train_word2vec(corpus.token_lines, vector_size=cfg.width, seed=cfg.seed, progress=True)
+    else:
+        kv = emb.load_keyed_vectors(cfg.embeddings)
+        if kv.vector_size != cfg.width:
+            raise emb.EmbeddingError(
+                f"{cfg.embeddings}: vectors have {kv.vector_size} dimensions but the model width is "
+                f"{cfg.width}; pass --width {kv.vector_size}"
+            )
+    matrix, coverage = emb.embedding_matrix(corpus.vocab, kv, seed=cfg.seed)
+    table = model.get_layer("embedding").embeddings
+    if not cfg.unit_scaling:  # keep the stock model's init scale: rows at the RMS of its initial table
+        matrix = matrix * float(np.sqrt(np.mean(np.square(table.numpy()))))
+    table.assign(matrix.astype(table.dtype))
+    emb.save_keyed_vectors(kv, work / runs.EMBEDDINGS)
+    print(f"embeddings: {cfg.embeddings}, coverage {coverage:.1%} of the vocabulary", file=log)
+    return {"embeddings": cfg.embeddings, "embedding_coverage": round(float(coverage), 4)}
+
+
+class Throughput(keras.callbacks.Callback):
+    """Measures training tokens per second (time inside training batches only; validation excluded)."""
+
+    def __init__(self, tokens_per_step: int) -> None:
+        super().__init__()
+        self.tokens_per_step = tokens_per_step
+        self.seconds = 0.0
+        self.steps = 0
+        self._start = 0.0
+
+    def on_train_batch_begin(self, batch: int, logs: dict | None = None) -> None:
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        self.seconds += time.perf_counter() - self._start
+        self.steps += 1
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.steps * self.tokens_per_step / self.seconds if self.seconds else 0.0
+
+
+def plot_history(history: dict, path: Path) -> None:
+    """training.png: loss and accuracy per epoch, train and validation."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key in zip(axes, ("loss", "accuracy"), strict=True):
+        for prefix, style in (("", "-"), ("val_", "--")):
+            values = history.get(prefix + key)
+            if values:
+                ax.plot(range(1, len(values) + 1), values, style, label=(prefix or "train_") + key)
+        ax.set_xlabel("epoch")
+        ax.set_title(key)
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def train(cfg: TrainConfig, log: TextIO = sys.stderr) -> dict:
+    """Train a model as ``cfg`` says and publish the run folder; returns the summary (train.py --json)."""
+    import tensorflow as tf
+
+    import llm_unitscale
+    from llm_unitscale.models import build_model, loss_for
+
+    cfg.validate()
+    started = time.perf_counter()
+    out = Path(cfg.out)
+    work = runs.partial_dir(out)
+    if out.exists() and not (cfg.overwrite or cfg.resume):
+        raise runs.RunError(f"{out}: a run already exists here; pass --overwrite to replace it or --resume")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if work.exists() and not cfg.resume:
+            import shutil
+
+            shutil.rmtree(work)
+        work.mkdir(exist_ok=True)
+    except OSError as exc:
+        raise runs.RunError(f"{out}: cannot write the run folder ({exc.strerror or exc})") from exc
+
+    text = data_mod.read_text(cfg.data, cfg.encoding, cfg.errors)
+    keras.utils.set_random_seed(cfg.seed)
+    corpus = prepare_corpus(cfg, text)
+    print(f"task: {corpus.task} ({'auto-detected' if cfg.task == 'auto' else 'given'}), "
+          f"vocabulary {len(corpus.vocab)}" + (f", labels {corpus.labels}" if corpus.labels else ""), file=log)
+    train_ds, val_ds, steps_per_epoch = datasets(cfg, corpus)
+    epochs = cfg.epochs
+    if cfg.max_steps is not None:
+        steps_per_epoch = min(steps_per_epoch, cfg.max_steps)
+        epochs = math.ceil(cfg.max_steps / steps_per_epoch)
+    total_steps = epochs * steps_per_epoch
+
+    keras.mixed_precision.set_global_policy(PRECISIONS[cfg.precision])
+    model = build_model(
+        task=corpus.task, arch=cfg.arch, vocab_size=len(corpus.vocab), seq_len=cfg.seq_len, width=cfg.width,
+        depth=cfg.depth, heads=cfg.heads, num_classes=len(corpus.labels) if corpus.labels else None,
+        unit_scaling=cfg.unit_scaling, dropout=cfg.dropout, tau=cfg.tau, constraint=cfg.constraint,
+    )
+    extra = init_embeddings(cfg, corpus, model, work, log)
+    lr = cfg.learning_rate()
+    warmup = min(cfg.warmup_steps, max(total_steps // 10, 1))
+    schedule = keras.optimizers.schedules.CosineDecay(
+        0.0, decay_steps=max(total_steps - warmup, 1), alpha=0.1, warmup_target=lr, warmup_steps=warmup
+    )
+    optimizer = keras.optimizers.AdamW(schedule, weight_decay=cfg.weight_decay, beta_2=0.99)
+    model.compile(
+        optimizer=optimizer, loss=loss_for(cfg.unit_scaling), metrics=["accuracy"],
+        jit_compile=cfg.jit_compile, auto_scale_loss=False,
+    )
+
+    config = {
+        **dataclasses.asdict(cfg),
+        "task": corpus.task,
+        "learning_rate": lr,
+        "tokenizer": corpus.tokenizer.get_config(),
+        "tokenizer_mode": cfg.tokenizer,
+        "labels": corpus.labels,
+        "vocab_size": len(corpus.vocab),
+        "params": int(model.count_params()),
+        "data_sha256": data_mod.corpus_hash(text),
+        "steps": total_steps,
+        "versions": {
+            "llm_unitscale": llm_unitscale.__version__, "tensorflow": tf.__version__, "keras": keras.__version__,
+            "python": platform.python_version(),
+        },
+        **extra,
+    }
+    corpus.vocab.save(work / runs.VOCAB)
+    runs.atomic_write_bytes(work / runs.VALIDATION, corpus.val_text.encode("utf-8"))
+    runs.atomic_write_json(work / runs.CONFIG, config)
+
+    tokens_per_step = cfg.batch_size * (cfg.seq_len if corpus.task == "lm" else 1)
+    throughput = Throughput(tokens_per_step)
+    (work / "checkpoints").mkdir(exist_ok=True)
+    callbacks = [
+        keras.callbacks.BackupAndRestore(str(work / "checkpoints" / "backup"), save_freq="epoch"),
+        keras.callbacks.TerminateOnNaN(),
+        keras.callbacks.TensorBoard(str(work / "logs"), write_graph=False),
+        throughput,
+    ]
+    print(f"training {config['params']:,} parameters for {total_steps} steps "
+          f"({epochs} epochs × {steps_per_epoch}), lr {lr:g}, {cfg.precision}", file=log)
+    with contextlib.redirect_stdout(log):  # Keras progress bars go to stderr; stdout stays for --json
+        history = model.fit(
+            train_ds, validation_data=val_ds, epochs=epochs, steps_per_epoch=steps_per_epoch,
+            callbacks=callbacks, verbose=1 if log.isatty() else 2,
+        ).history
+    history = {k: [float(v) for v in vals] for k, vals in history.items()}
+    if not history or not all(math.isfinite(v) for v in history.get("loss", [math.nan])):
+        raise FloatingPointError("training diverged (loss became NaN/inf); try a smaller --lr")
+
+    val_loss = history["val_loss"][-1]
+    metrics = {
+        "task": corpus.task,
+        "loss": history["loss"][-1],
+        "val_loss": val_loss,
+        "val_accuracy": history["val_accuracy"][-1],
+        **({"val_perplexity": math.exp(min(val_loss, 700.0))} if corpus.task == "lm" else {}),
+    }
+    runs.atomic_save_model(model, work / runs.MODEL)
+    runs.atomic_write_json(work / runs.HISTORY, history)
+    runs.atomic_write_json(work / runs.METRICS, metrics)
+    plot_history(history, work / runs.PLOT)
+    runs.publish(work, out, overwrite=cfg.overwrite or cfg.resume)
+    return {
+        "run": str(out),
+        "task": corpus.task,
+        "params": config["params"],
+        "steps": total_steps,
+        "tokens_per_second": round(throughput.tokens_per_second, 1),
+        "seconds": round(time.perf_counter() - started, 2),
+        **{k: v for k, v in metrics.items() if k != "task"},
+    }
+
+
+def summary_text(summary: dict) -> str:
+    """The human-readable end-of-training summary."""
+    lines = [
+        f"trained a {summary['task']} model: {summary['params']:,} parameters, {summary['steps']} steps, "
+        f"{summary['tokens_per_second']:,.0f} tokens/s, {summary['seconds']:.1f} s",
+        f"val loss {summary['val_loss']:.4f}, val accuracy {summary['val_accuracy']:.2%}"
+        + (f", val perplexity {summary['val_perplexity']:.2f}" if "val_perplexity" in summary else ""),
+        f"saved to {summary['run']}",
+    ]
+    return "\n".join(lines)
