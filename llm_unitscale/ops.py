@@ -542,8 +542,28 @@ def pool(
     return scaled(pooled, 1.0 / max_of_normals_rms(w), 1.0)
 
 
+@functools.lru_cache(maxsize=1)
+def _max_rms_table() -> tuple[np.ndarray, np.ndarray]:
+    """(log n, 1/√E[max_n²]) on a grid of n from 1 to 2^20: exact for n ≤ 32, then geometric steps of 2^¼."""
+    grid = np.unique(np.concatenate([np.arange(1, 33), np.round(2.0 ** np.arange(5.0, 20.25, 0.25))]))
+    return np.log(grid), np.array([1.0 / max_of_normals_rms(int(n)) for n in grid])
+
+
+def _inverse_max_rms(n: tf.Tensor) -> tf.Tensor:
+    """1/√E[max_n²] for a tensor of counts n ≥ 1 (linear interpolation in log n; in-graph, any n)."""
+    log_grid, values = _max_rms_table()
+    log_n = tf.math.log(tf.cast(n, tf.float32))
+    i = tf.clip_by_value(tf.searchsorted(tf.constant(log_grid, tf.float32), tf.reshape(log_n, [-1])), 1,
+                         len(log_grid) - 1)
+    i = tf.reshape(i, tf.shape(log_n))
+    lo, hi = tf.gather(tf.constant(log_grid, tf.float32), i - 1), tf.gather(tf.constant(log_grid, tf.float32), i)
+    v_lo, v_hi = tf.gather(tf.constant(values, tf.float32), i - 1), tf.gather(tf.constant(values, tf.float32), i)
+    w = tf.clip_by_value((log_n - lo) / (hi - lo), 0.0, 1.0)
+    return v_lo + w * (v_hi - v_lo)
+
+
 def _global_pool(x: tf.Tensor, mode: str, padding_mask: tf.Tensor | None) -> tf.Tensor:
-    t = x.shape[1]
+    """Global pool over time; n = the (valid) length per example, static or dynamic."""
     if padding_mask is None:
         valid = None
         count = tf.cast(tf.shape(x)[1], tf.float32)
@@ -555,8 +575,7 @@ def _global_pool(x: tf.Tensor, mode: str, padding_mask: tf.Tensor | None) -> tf.
         return scaled(summed, tf.math.rsqrt(count), 1.0)
     masked = x if valid is None else tf.where(valid > 0, x, tf.cast(x.dtype.min, x.dtype))
     pooled = tf.reduce_max(masked, axis=1)
-    n = int(t) if t is not None else 64
-    return scaled(pooled, 1.0 / max_of_normals_rms(n), math.sqrt(n))
+    return scaled(pooled, _inverse_max_rms(count), tf.sqrt(count))
 
 
 # ------------------------------------------------------------------------------------------------ helpers
