@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from llm_unitscale import data as data_mod
+from llm_unitscale import runs
 from llm_unitscale.inference import softmax
 from llm_unitscale.runs import Run
 from llm_unitscale.training import lm_ids
@@ -134,7 +135,4 @@ def plot(metrics: dict, path: Path) -> None:
         ax.set_title(f"loss by position (perplexity {metrics['perplexity']:.1f})")
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
+    runs.save_figure(fig, path)

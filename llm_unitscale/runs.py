@@ -56,6 +56,20 @@ def atomic_save_model(model: Any, path: str | os.PathLike) -> None:
         raise
 
 
+def save_figure(fig: Any, path: str | os.PathLike) -> None:
+    """Save a matplotlib figure as PNG atomically and close it."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    try:
+        fig.savefig(tmp, dpi=100)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
+
+
 def partial_dir(out: str | os.PathLike) -> Path:
     """Where a run named ``out`` is trained before it is complete."""
     out = Path(out)

@@ -254,10 +254,7 @@ def plot_history(history: dict, path: Path) -> None:
         ax.legend()
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
+    runs.save_figure(fig, path)
 
 
 def train(cfg: TrainConfig, log: TextIO = sys.stderr) -> dict:
@@ -334,7 +331,7 @@ def train(cfg: TrainConfig, log: TextIO = sys.stderr) -> dict:
     runs.atomic_write_bytes(work / runs.VALIDATION, corpus.val_text.encode("utf-8"))
     runs.atomic_write_json(work / runs.CONFIG, config)
 
-    tokens_per_step = cfg.batch_size * (cfg.seq_len if corpus.task == "lm" else 1)
+    tokens_per_step = cfg.batch_size * cfg.seq_len  # classify: padded tokens per batch
     throughput = Throughput(tokens_per_step)
     (work / "checkpoints").mkdir(exist_ok=True)
     callbacks = [

@@ -17,12 +17,10 @@ file in the same folder, then ``os.replace``), so a crash never leaves half a vo
 
 from __future__ import annotations
 
-import contextlib
 import io
 import os
 import pickle
 import pickletools
-import tempfile
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -272,19 +270,9 @@ class Vocabulary:
         The data goes to a temporary file in the same folder, which then replaces ``path`` in one
         ``os.replace``: readers see the old file or the new one, never a partial one.
         """
-        path = Path(path)
-        payload = pickle.dumps(self.to_dict(), protocol=pickle.HIGHEST_PROTOCOL)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(payload)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
+        from llm_unitscale.runs import atomic_write_bytes
+
+        atomic_write_bytes(path, pickle.dumps(self.to_dict(), protocol=pickle.HIGHEST_PROTOCOL))
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Vocabulary:
