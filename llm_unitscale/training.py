@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import math
 import platform
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -270,13 +271,16 @@ def train(cfg: TrainConfig, log: TextIO = sys.stderr) -> dict:
     started = time.perf_counter()
     out = Path(cfg.out)
     work = runs.partial_dir(out)
-    if out.exists() and not (cfg.overwrite or cfg.resume):
-        raise runs.RunError(f"{out}: a run already exists here; pass --overwrite to replace it or --resume")
+    if cfg.resume and not work.exists():
+        if out.exists():
+            raise runs.RunError(f"{out}: this run is complete, there is nothing to resume; "
+                                "pass --overwrite to train it again")
+        print(f"{out}: no interrupted run to resume, starting a new one", file=log)
+    elif out.exists() and not (cfg.overwrite or cfg.resume):
+        raise runs.RunError(f"{out}: a run already exists here; pass --overwrite to replace it")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         if work.exists() and not cfg.resume:
-            import shutil
-
             shutil.rmtree(work)
         work.mkdir(exist_ok=True)
     except OSError as exc:

@@ -114,6 +114,8 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path: Path, repetitive_run: Path) 
     data.write_text("some text here\n" * 50, encoding="utf-8")
     result = script("train", str(data), "--out", str(repetitive_run), *TINY)
     assert result.returncode == 2 and "--overwrite" in result.stderr
+    result = script("train", str(data), "--out", str(repetitive_run), "--resume", *TINY)
+    assert result.returncode == 2 and "nothing to resume" in result.stderr
     result = script("train", str(data), "--seq-len", "0")
     assert result.returncode == 2 and "--seq-len" in result.stderr
 
