@@ -18,14 +18,16 @@ from gensim.test.utils import datapath
 
 from llm_unitscale.training import TrainConfig, train
 
-UNIT_LRS = (3e-3, 1e-2, 3e-2, 1e-1)
-STOCK_LRS = (3e-4, 1e-3, 3e-3, 1e-2)
+UNIT_LRS = (3e-3, 7e-3, 1e-2, 2e-2)
+STOCK_LRS = (5e-4, 1e-3, 1.5e-3, 3e-3)
 
 
-def sweep(steps: int, unit_lrs: tuple, stock_lrs: tuple, extra: dict) -> list[dict]:
+def sweep(steps: int, unit_lrs: tuple, stock_lrs: tuple, extra: dict, models: str = "both") -> list[dict]:
     rows = []
+    plan = [(True, unit_lrs), (False, stock_lrs)]
+    plan = [p for p in plan if models == "both" or (models == "unit") == p[0]]
     with tempfile.TemporaryDirectory() as tmp:
-        for unit_scaling, lrs in ((True, unit_lrs), (False, stock_lrs)):
+        for unit_scaling, lrs in plan:
             for lr in lrs:
                 cfg = TrainConfig(
                     data=datapath("lee_background.cor"), out=str(Path(tmp) / f"{unit_scaling}_{lr}"),
@@ -46,18 +48,22 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--quick", action="store_true", help="200 steps, 3 rates each")
     parser.add_argument("--constraint", default="rms", choices=("rms", "l2", "none"))
+    parser.add_argument("--embeddings", default="word2vec", help="word2vec (default) or none")
+    parser.add_argument("--models", default="both", choices=("both", "unit", "baseline"),
+                        help="run one side only (e.g. two processes side by side)")
     parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
     args = parser.parse_args()
     steps = 200 if args.quick else args.steps
     unit_lrs, stock_lrs = (UNIT_LRS[:3], STOCK_LRS[1:]) if args.quick else (UNIT_LRS, STOCK_LRS)
-    extra = {"constraint": None if args.constraint == "none" else args.constraint}
-    rows = sweep(steps, unit_lrs, stock_lrs, extra)
-    print(f"lee_background.cor, default transformer, {steps} steps, constraint {args.constraint}")
+    extra = {"constraint": None if args.constraint == "none" else args.constraint, "embeddings": args.embeddings}
+    rows = sweep(steps, unit_lrs, stock_lrs, extra, args.models)
+    print(f"lee_background.cor, default transformer, {steps} steps, constraint {args.constraint}, "
+          f"embeddings {args.embeddings}")
     print(f"{'model':12} {'lr':>8} {'val loss':>9} {'val acc':>8} {'val ppl':>9} {'tok/s':>8}")
     for r in rows:
         print(f"{r['model']:12} {r['lr']:>8g} {r['val_loss']:>9.4f} {r['val_accuracy']:>8.2%} "
               f"{r['val_perplexity']:>9.2f} {r['tokens_per_second']:>8.0f}")
-    for model in ("unit-scaled", "baseline"):
+    for model in sorted({r["model"] for r in rows}, reverse=True):
         best = min((r for r in rows if r["model"] == model), key=lambda r: r["val_loss"])
         print(f"best {model}: lr {best['lr']:g}, val loss {best['val_loss']:.4f}")
     if args.json:

@@ -182,7 +182,7 @@ class _UnitKit:
         return unit.UnitDense(units, activation, kernel_constraint=self.kernel_constraint, name="hidden")
 
     def readout(self, units: int) -> keras.layers.Layer:
-        return unit.UnitReadout(units, kernel_constraint=self.kernel_constraint, name="readout")
+        return unit.UnitReadout(units, name="readout")  # small init, unconstrained: see UnitReadout
 
 
 class _StockKit:

@@ -141,29 +141,25 @@ def dense(
     return y
 
 
-def readout(
-    x: tf.Tensor, kernel: tf.Tensor, bias: tf.Tensor | None = None, logit_scale: tf.Tensor | None = None
-) -> tf.Tensor:
-    """Unit-scaled readout to V logits: ``y = s·α·xW + α·b`` with a learnable scalar logit scale s (init 1).
+def readout(x: tf.Tensor, kernel: tf.Tensor, bias: tf.Tensor | None = None, kernel_scale: float = 1.0) -> tf.Tensor:
+    """Unit-scaled readout to V logits: ``y = α·xW + b``.
 
-    forward  α = fan_in^-½ (the u-μP alternative, α = 1/fan_in, leaves logits at RMS ≈ fan_in^-½ at init;
-             we take DESIGN's other option: fan_in^-½ and a learnable s, so logits start at unit scale)
-    backward ∂x = β_x·s·gWᵀ with β_x = V^-½; ∂W = s·N^-½·xᵀg; ∂s = N^-1·V^-½·Σ g⊙(xW')
-    (the N per-row terms of ∂s share a sign — softmax pushes toward the high logits — so it grows as N, not √N)
-    All paths cross the readout, so its α ≠ β only rescales upstream gradients by one constant.
+    forward  α = fan_in^-½ (as a dense layer; the u-μP alternative α = 1/fan_in is another way to start
+             the logits small). The bias b is added unscaled: it holds each output's log-prior (a word's
+             unigram log-frequency spans several nats), which an α-scaled bias could only reach with
+             steps ~√fan_in times larger.
+    backward ∂x = β_x·gWᵀ with β_x = V^-½ / kernel_scale; ∂W = N^-½·xᵀg; ∂b = N^-½·Σg.
+    kernel_scale: the RMS the kernel was initialised at (UnitReadout starts it small, see there): dividing ∂x
+    by it makes upstream gradients start at unit scale. All paths cross the readout, so its α ≠ β only
+    rescales upstream gradients by one constant.
     """
     fan_in, fan_out = int(kernel.shape[0]), int(kernel.shape[1])
     alpha = fan_in**-0.5
-    n = rows(x)
-    beta_w = rsqrt(n)
-    w = scaled(kernel, alpha, beta_w)
-    if logit_scale is not None:
-        s = scale_bwd(tf.cast(logit_scale, w.dtype), _times(_times(rsqrt(n), rsqrt(n)), fan_out**-0.5))
-        w = w * s
-    x = scale_bwd(x, _ratio(fan_out**-0.5, alpha))
-    y = tf.matmul(x, w)
+    beta_w = rsqrt(rows(x))
+    x = scale_bwd(x, _ratio(fan_out**-0.5 / kernel_scale, alpha))
+    y = tf.matmul(x, scaled(kernel, alpha, beta_w))
     if bias is not None:
-        y = y + scaled(bias, alpha, beta_w)
+        y = y + scale_bwd(tf.cast(bias, y.dtype), beta_w)
     return y
 
 

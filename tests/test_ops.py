@@ -206,15 +206,22 @@ CASES: dict[str, Callable[[], Case]] = {
     "dense_256_1024": lambda: _dense_case(256, 1024),
     "dense_1024_256": lambda: _dense_case(1024, 256),
     "readout": lambda: Case(
-        lambda x, kernel, logit_scale: ops.readout(x, kernel, None, logit_scale),
-        {"x": _u(B, T, W), "kernel": _u(W, V, seed=1), "logit_scale": np.float32(1.0)},
-        {"x": math.sqrt(W / V), "kernel": math.sqrt(W / N), "logit_scale": 1.0 / (N * math.sqrt(V))},
-        exempt={"logit_scale"},  # sized for the loss's gradient: test_readout_logit_scale_gradient_with_loss
+        lambda x, kernel: ops.readout(x, kernel, None),
+        {"x": _u(B, T, W), "kernel": _u(W, V, seed=1)},
+        {"x": math.sqrt(W / V), "kernel": math.sqrt(W / N)},
+    ),
+    # as UnitReadout uses it: a small kernel (RMS 0.02) and ∂x divided by that scale — output RMS 0.02 by
+    # design (logits start small: test_readout_small_kernel_keeps_unit_input_gradient)
+    "readout_small_kernel": lambda: Case(
+        lambda x, kernel: ops.readout(x, kernel, None, 0.02),
+        {"x": _u(B, T, W), "kernel": 0.02 * _u(W, V, seed=1)},
+        {"x": math.sqrt(W / V) / 0.02, "kernel": math.sqrt(W / N)},
+        exempt={"out"},
     ),
     "readout_bias": lambda: Case(
         lambda x, kernel, bias: ops.readout(x, kernel, bias),
         {"x": _u(B, T, W), "kernel": _u(W, V, seed=1), "bias": _zeros(V)},
-        {"x": math.sqrt(W / V), "kernel": math.sqrt(W / N), "bias": math.sqrt(W / N)},
+        {"x": math.sqrt(W / V), "kernel": math.sqrt(W / N), "bias": 1 / math.sqrt(N)},
     ),
     "embedding": lambda: Case(
         lambda table: ops.embedding(tf.constant(_IDS), table), {"table": _u(V, W)}, {"table": math.sqrt(V / N)}
@@ -290,19 +297,11 @@ def test_sigmoid_unit_variance_not_unit_rms() -> None:
     assert in_range(rms(dx))
 
 
-def test_readout_logit_scale_gradient_with_loss() -> None:
-    """∂s is sized for the loss's gradient (rows share a sign), not for iid g: ≈ 1 at init under the loss."""
-    x = tf.constant(_u(B, T, W))
-    kernel = tf.constant(_u(W, V, seed=1))
-    scale = tf.constant(1.0)
-    targets = tf.constant(_IDS)
-    with tf.GradientTape() as tape:
-        tape.watch(scale)
-        loss = ops.softmax_cross_entropy(ops.readout(x, kernel, None, scale), targets)
-    ds = float(tape.gradient(loss, scale))
-    _, grads = run_case(CASES["readout"]())
-    print(f"readout ∂logit_scale RMS: {abs(ds):.3f} under the unit-scaled loss, {rms(grads[2]):.4f} under iid g")
-    assert in_range(abs(ds))
+def test_readout_small_kernel_keeps_unit_input_gradient() -> None:
+    """Documented exception: UnitReadout's logits start at RMS kernel_scale (0.02); ∂x and ∂W stay unit."""
+    y, grads = run_case(CASES["readout_small_kernel"]())
+    assert rms(y) == pytest.approx(0.02, rel=0.05)
+    assert all(in_range(rms(g)) for g in grads)
 
 
 def test_mha_key_bias_gradient_is_zero() -> None:
@@ -668,14 +667,14 @@ def test_max_of_normals_rms_monte_carlo(n: int) -> None:
 
 def test_readout_forward_matches_docstring_with_bias() -> None:
     x, kernel, bias = _u(2, 4, 16), _u(16, 10, seed=1), _u(10, seed=2)
-    y = ops.readout(tf.constant(x), tf.constant(kernel), tf.constant(bias), tf.constant(2.0)).numpy()
-    np.testing.assert_allclose(y, 2.0 * 16**-0.5 * (x @ kernel) + 16**-0.5 * bias, rtol=1e-5, atol=1e-5)
+    y = ops.readout(tf.constant(x), tf.constant(kernel), tf.constant(bias)).numpy()
+    np.testing.assert_allclose(y, 16**-0.5 * (x @ kernel) + bias, rtol=1e-5, atol=1e-5)
 
 
 def test_readout_forward_without_bias() -> None:
     x, kernel = _u(2, 4, 16), _u(16, 10, seed=1)
-    y = ops.readout(tf.constant(x), tf.constant(kernel), None, tf.constant(2.0)).numpy()
-    np.testing.assert_allclose(y, 2.0 * 16**-0.5 * (x @ kernel), rtol=1e-5, atol=1e-5)
+    y = ops.readout(tf.constant(x), tf.constant(kernel), None).numpy()
+    np.testing.assert_allclose(y, 16**-0.5 * (x @ kernel), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("mode", ["average", "max"])

@@ -529,3 +529,25 @@ def test_embeddings_are_reexported_lazily() -> None:
     assert preprocessing.train_word2vec is emb_module.train_word2vec
     assert preprocessing.EmbeddingError is EmbeddingError
     assert preprocessing.Vocabulary is Vocabulary and preprocessing.Tokenizer is Tokenizer
+
+
+def test_embedding_matrix_removes_the_shared_directions() -> None:
+    """All-but-the-top: a shared offset and dominant directions are removed before the unit-RMS rescale."""
+    rng = np.random.default_rng(0)
+    words = [f"w{i}" for i in range(300)]
+    dominant = rng.standard_normal((3, 16)) * 10.0
+    vectors = 5.0 + rng.standard_normal((300, 16)) + rng.standard_normal((300, 3)) @ dominant
+    kv = KeyedVectors(vector_size=16)
+    kv.add_vectors(words, vectors)
+    matrix, coverage = embedding_matrix(Vocabulary(words), kv, remove_top=3)
+    rows = matrix[4:].astype(np.float64)
+    assert coverage == 1.0
+    np.testing.assert_allclose(np.sqrt(np.mean(rows**2, axis=1)), 1.0, rtol=1e-5)
+    basis, _ = np.linalg.qr(dominant.T)  # the 3 dominant directions
+
+    def share(a: np.ndarray) -> float:  # share of the energy along the dominant directions
+        return float(np.sum((a @ basis) ** 2) / np.sum(a**2))
+
+    assert share(vectors) > 0.9 and share(rows) < 0.05
+    centred_only, _ = embedding_matrix(Vocabulary(words), kv, remove_top=0)
+    assert not np.allclose(centred_only, matrix)
