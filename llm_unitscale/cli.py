@@ -95,7 +95,7 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--depth", type=int, default=4)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: 1e-2 unit-scaled, "
-                   "3e-3 with --no-unit-scaling)")
+                   "1e-3 with --no-unit-scaling)")
     p.add_argument("--warmup-steps", type=int, default=50)
     p.add_argument("--dropout", type=float, default=0.0)
     p.add_argument("--precision", default="float32", choices=("float32", "bfloat16", "float16"))
