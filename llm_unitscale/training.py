@@ -260,12 +260,47 @@ def plot_history(history: dict, path: Path) -> None:
     runs.save_figure(fig, path)
 
 
+def distribution_scope(cfg: TrainConfig) -> Any:
+    """The context in which the model and optimizer are created (a ``tf.distribute`` strategy scope)."""
+    return contextlib.nullcontext()
+
+
+def make_optimizer(cfg: TrainConfig, lr: float, total_steps: int) -> keras.optimizers.Optimizer:
+    """AdamW, linear warm-up to ``lr`` then cosine decay to lr/10."""
+    warmup = min(cfg.warmup_steps, max(total_steps // 10, 1))
+    schedule = keras.optimizers.schedules.CosineDecay(
+        0.0, decay_steps=max(total_steps - warmup, 1), alpha=0.1, warmup_target=lr, warmup_steps=warmup
+    )
+    return keras.optimizers.AdamW(schedule, weight_decay=cfg.weight_decay, beta_2=0.99)
+
+
+def compile_model(cfg: TrainConfig, model: Any, optimizer: keras.optimizers.Optimizer) -> None:
+    """Compile with the model's loss, accuracy, XLA as configured and no automatic loss scaling."""
+    from llm_unitscale.models import loss_for
+
+    model.compile(
+        optimizer=optimizer, loss=loss_for(cfg.unit_scaling), metrics=["accuracy"],
+        jit_compile=cfg.jit_compile, auto_scale_loss=False,
+    )
+
+
+def make_callbacks(cfg: TrainConfig, work: Path, throughput: Throughput) -> list[keras.callbacks.Callback]:
+    """Checkpoints for --resume, NaN stop, TensorBoard logs, throughput."""
+    (work / "checkpoints").mkdir(exist_ok=True)
+    return [
+        keras.callbacks.BackupAndRestore(str(work / "checkpoints" / "backup"), save_freq="epoch"),
+        keras.callbacks.TerminateOnNaN(),
+        keras.callbacks.TensorBoard(str(work / "logs"), write_graph=False),
+        throughput,
+    ]
+
+
 def train(cfg: TrainConfig, log: TextIO = sys.stderr) -> dict:
     """Train a model as ``cfg`` says and publish the run folder; returns the summary (train.py --json)."""
     import tensorflow as tf
 
     import llm_unitscale
-    from llm_unitscale.models import build_model, loss_for
+    from llm_unitscale.models import build_model
 
     cfg.validate()
     started = time.perf_counter()
@@ -299,22 +334,15 @@ def train(cfg: TrainConfig, log: TextIO = sys.stderr) -> dict:
     total_steps = epochs * steps_per_epoch
 
     keras.mixed_precision.set_global_policy(PRECISIONS[cfg.precision])
-    model = build_model(
-        task=corpus.task, arch=cfg.arch, vocab_size=len(corpus.vocab), seq_len=cfg.seq_len, width=cfg.width,
-        depth=cfg.depth, heads=cfg.heads, num_classes=len(corpus.labels) if corpus.labels else None,
-        unit_scaling=cfg.unit_scaling, dropout=cfg.dropout, tau=cfg.tau, constraint=cfg.constraint,
-    )
-    extra = init_embeddings(cfg, corpus, model, work, log)
-    lr = cfg.learning_rate()
-    warmup = min(cfg.warmup_steps, max(total_steps // 10, 1))
-    schedule = keras.optimizers.schedules.CosineDecay(
-        0.0, decay_steps=max(total_steps - warmup, 1), alpha=0.1, warmup_target=lr, warmup_steps=warmup
-    )
-    optimizer = keras.optimizers.AdamW(schedule, weight_decay=cfg.weight_decay, beta_2=0.99)
-    model.compile(
-        optimizer=optimizer, loss=loss_for(cfg.unit_scaling), metrics=["accuracy"],
-        jit_compile=cfg.jit_compile, auto_scale_loss=False,
-    )
+    with distribution_scope(cfg):
+        model = build_model(
+            task=corpus.task, arch=cfg.arch, vocab_size=len(corpus.vocab), seq_len=cfg.seq_len, width=cfg.width,
+            depth=cfg.depth, heads=cfg.heads, num_classes=len(corpus.labels) if corpus.labels else None,
+            unit_scaling=cfg.unit_scaling, dropout=cfg.dropout, tau=cfg.tau, constraint=cfg.constraint,
+        )
+        extra = init_embeddings(cfg, corpus, model, work, log)
+        lr = cfg.learning_rate()
+        compile_model(cfg, model, make_optimizer(cfg, lr, total_steps))
 
     config = {
         **dataclasses.asdict(cfg),
@@ -339,13 +367,7 @@ def train(cfg: TrainConfig, log: TextIO = sys.stderr) -> dict:
 
     tokens_per_step = cfg.batch_size * cfg.seq_len  # classify: padded tokens per batch
     throughput = Throughput(tokens_per_step)
-    (work / "checkpoints").mkdir(exist_ok=True)
-    callbacks = [
-        keras.callbacks.BackupAndRestore(str(work / "checkpoints" / "backup"), save_freq="epoch"),
-        keras.callbacks.TerminateOnNaN(),
-        keras.callbacks.TensorBoard(str(work / "logs"), write_graph=False),
-        throughput,
-    ]
+    callbacks = make_callbacks(cfg, work, throughput)
     print(f"training {config['params']:,} parameters for {total_steps} steps "
           f"({epochs} epochs × {steps_per_epoch}), lr {lr:g}, {cfg.precision}", file=log)
     with contextlib.redirect_stdout(log):  # Keras progress bars go to stderr; stdout stays for --json
