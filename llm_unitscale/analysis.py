@@ -8,8 +8,10 @@ side by side: the unit-scaled model sits near 1 everywhere, while the stock mode
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import keras
 import numpy as np
@@ -37,6 +39,93 @@ def rms(x: tf.Tensor | np.ndarray) -> float:
     return float(np.sqrt(np.mean(a * a))) if a.size else float("nan")
 
 
+@dataclass
+class LayerTensors:
+    """One layer's tensors from one forward/backward pass: what :class:`LayerScales` summarises."""
+
+    name: str
+    output: tf.Tensor
+    grad_output: tf.Tensor | None
+    grad_input: tf.Tensor | None
+    weights: dict[str, tf.Tensor] = field(default_factory=dict)
+    weight_grads: dict[str, tf.Tensor] = field(default_factory=dict)
+
+
+class LayerProbe:
+    """A functional model rebuilt with every layer's output exposed, for per-layer forward/backward passes.
+
+    Built once per model (shares its layers and weights); each call runs one forward/backward pass on a batch.
+    Used by :func:`scale_report` and by the scale tracker (``llm_unitscale.scale_tracker``).
+    """
+
+    def __init__(self, model: keras.Model):
+        self.model = model
+        layers = [layer for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)]
+        tensors: list = []
+        index: dict[int, int] = {}
+
+        def slot(t: keras.KerasTensor) -> int:
+            if id(t) not in index:
+                index[id(t)] = len(tensors)
+                tensors.append(t)
+            return index[id(t)]
+
+        self.plan = []
+        for layer in layers:
+            for node in layer._inbound_nodes:
+                inputs = [t for t in node.input_tensors if t.dtype not in ("int32", "int64", "bool")]
+                self.plan.append((layer, slot(node.output_tensors[0]), [slot(t) for t in inputs]))
+        self.probe = keras.Model(model.inputs[0], tensors)
+        self.final = index[id(model.outputs[0])]
+        self._passes: dict[int, tuple[keras.losses.Loss, Any]] = {}
+
+    def default_targets(self, token_ids: np.ndarray) -> np.ndarray:
+        """The next token (lm: ids shifted left) or classes 0, 1, … alternating (classify)."""
+        outputs = self.model.outputs[0]
+        if len(outputs.shape) == 3:
+            return np.roll(token_ids, -1, axis=1)
+        return np.arange(len(token_ids)) % int(outputs.shape[-1])
+
+    def __call__(
+        self, token_ids: np.ndarray, targets: np.ndarray | None = None, loss: keras.losses.Loss | None = None
+    ) -> list[LayerTensors]:
+        """One training-mode forward/backward pass; every layer's output, gradients, weights and their gradients.
+
+        The pass runs as a ``tf.function`` (traced once per loss object): Keras's own float8 layers have
+        custom gradients that fail eagerly but work in a graph, as in ``fit``.
+        """
+        token_ids = np.asarray(token_ids, dtype=np.int32)
+        targets = self.default_targets(token_ids) if targets is None else np.asarray(targets)
+        loss = loss or loss_for(is_unit_scaled(self.model))
+        key = id(loss)
+        if key not in self._passes:
+            self._passes[key] = (loss, tf.function(functools.partial(self._pass, loss)))
+        values, grads, weight_grads = self._passes[key][1](tf.constant(token_ids), tf.constant(targets))
+        result = []
+        for (layer, out, ins), layer_grads in zip(self.plan, weight_grads, strict=True):
+            names = [w.path.split("/", 1)[-1] for w in layer.trainable_weights]
+            result.append(
+                LayerTensors(
+                    name=layer.name,
+                    output=values[out],
+                    grad_output=grads[out],
+                    grad_input=grads[ins[0]] if ins else None,
+                    weights={n: w.value for n, w in zip(names, layer.trainable_weights, strict=True)},
+                    weight_grads={n: g for n, g in zip(names, layer_grads, strict=True) if g is not None},
+                )
+            )
+        return result
+
+    def _pass(self, loss: keras.losses.Loss, token_ids: tf.Tensor, targets: tf.Tensor) -> tuple[list, list, list]:
+        with tf.GradientTape(persistent=True) as tape:
+            values = self.probe(token_ids, training=True)
+            value = loss(targets, values[self.final])
+        grads = tape.gradient(value, values, unconnected_gradients=tf.UnconnectedGradients.NONE)
+        weight_grads = [tape.gradient(value, layer.trainable_weights) for layer, _, _ in self.plan]
+        del tape
+        return values, grads, weight_grads
+
+
 def scale_report(
     model: keras.Model, token_ids: np.ndarray, targets: np.ndarray | None = None, loss: keras.losses.Loss | None = None
 ) -> list[LayerScales]:
@@ -44,55 +133,18 @@ def scale_report(
 
     targets default to the next token (lm: ids shifted left) or class 0/1 alternating (classify). loss defaults
     to the model's training loss (unit-scaled cross-entropy for unit-scaled models, Keras's otherwise).
-    Works for functional models: it rebuilds the model with every layer's output exposed.
+    Works for functional models: it rebuilds the model with every layer's output exposed (:class:`LayerProbe`).
     """
-    token_ids = np.asarray(token_ids, dtype=np.int32)
-    layers = [layer for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)]
-    tensors: list = []
-    index: dict[int, int] = {}
-
-    def slot(t: keras.KerasTensor) -> int:
-        if id(t) not in index:
-            index[id(t)] = len(tensors)
-            tensors.append(t)
-        return index[id(t)]
-
-    plan = []
-    for layer in layers:
-        for node in layer._inbound_nodes:
-            inputs = [t for t in node.input_tensors if t.dtype not in ("int32", "int64", "bool")]
-            plan.append((layer, slot(node.output_tensors[0]), [slot(t) for t in inputs]))
-    probe = keras.Model(model.inputs[0], tensors)
-    outputs = model.outputs[0]
-    final = index[id(outputs)]
-    if targets is None:
-        if len(outputs.shape) == 3:
-            targets = np.roll(token_ids, -1, axis=1)
-        else:
-            targets = np.arange(len(token_ids)) % int(outputs.shape[-1])
-    loss = loss or loss_for(is_unit_scaled(model))
-    with tf.GradientTape(persistent=True) as tape:
-        values = probe(token_ids, training=True)
-        value = loss(targets, values[final])
-    grads = tape.gradient(value, values, unconnected_gradients=tf.UnconnectedGradients.NONE)
-    report = []
-    for layer, out, ins in plan:
-        weight_grads = tape.gradient(value, layer.trainable_weights)
-        report.append(
-            LayerScales(
-                name=layer.name,
-                output=rms(values[out]),
-                grad_output=_maybe_rms(grads[out]),
-                grad_input=_maybe_rms(grads[ins[0]]) if ins else None,
-                weight_grads={
-                    w.path.split("/", 1)[-1]: rms(g)
-                    for w, g in zip(layer.trainable_weights, weight_grads, strict=True)
-                    if g is not None
-                },
-            )
+    return [
+        LayerScales(
+            name=t.name,
+            output=rms(t.output),
+            grad_output=_maybe_rms(t.grad_output),
+            grad_input=_maybe_rms(t.grad_input),
+            weight_grads={name: rms(g) for name, g in t.weight_grads.items()},
         )
-    del tape
-    return report
+        for t in LayerProbe(model)(token_ids, targets, loss)
+    ]
 
 
 def _maybe_rms(g: tf.Tensor | None) -> float | None:

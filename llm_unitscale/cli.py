@@ -55,6 +55,11 @@ def _guard(main: Callable[[argparse.Namespace], int], args: argparse.Namespace) 
     except Exception as exc:
         if debug:
             raise
+        from llm_unitscale.checkpoint import TrainingInterrupted
+
+        if isinstance(exc, TrainingInterrupted):
+            print(f"{exc}; resume with: {_resume_command()}", file=sys.stderr)
+            return 130
         if isinstance(exc, _user_errors()):
             print(f"error: {exc}", file=sys.stderr)
             return 2
@@ -64,6 +69,14 @@ def _guard(main: Callable[[argparse.Namespace], int], args: argparse.Namespace) 
         print(f"internal error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
               "(rerun with LLM_UNITSCALE_DEBUG=1 for the traceback)", file=sys.stderr)
         return 1
+
+
+def _resume_command() -> str:
+    """This command line with ``--resume`` (and without ``--overwrite``), quoted for a POSIX shell."""
+    import shlex
+
+    args = [a for a in sys.argv[1:] if a not in ("--resume", "--overwrite")]
+    return shlex.join([Path(sys.argv[0]).name if sys.argv[0].endswith(".py") else "train.py", *args, "--resume"])
 
 
 def _emit(args: argparse.Namespace, document: dict, text: str) -> None:
@@ -78,7 +91,11 @@ def train_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n  python train.py                       # shipped data/dataset.txt -> runs/default\n"
         "  python train.py corpus.txt --out runs/shakespeare --epochs 5\n"
-        "  python train.py reviews.txt --task classify --arch cnn --out runs/reviews",
+        "  python train.py reviews.txt --task classify --arch cnn --out runs/reviews\n"
+        "  python train.py corpus.txt --strategy mirrored      # every local GPU (tf.distribute)\n"
+        "  TF_CONFIG='{...}' python train.py corpus.txt --strategy multiworker   # one process per machine\n"
+        "  python train.py corpus.txt --lr-rule umup --lr 0.3  # u-muP per-parameter learning rates\n"
+        "  tensorboard --logdir runs/                          # the runs' logs/ folders",
     )
     p.add_argument("data", nargs="?", default=DEFAULT_DATA, help=f"UTF-8 text file (default {DEFAULT_DATA})")
     p.add_argument("--out", default=None, help=f"run folder (default {DEFAULT_RUN} for the shipped data, "
@@ -98,7 +115,15 @@ def train_parser() -> argparse.ArgumentParser:
                    "1e-3 with --no-unit-scaling)")
     p.add_argument("--warmup-steps", type=int, default=50)
     p.add_argument("--dropout", type=float, default=0.0)
-    p.add_argument("--precision", default="float32", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--precision", default="float32",
+                   choices=("float32", "bfloat16", "float16", "fp8"),
+                   help="compute format: bfloat16/float16 = Keras mixed policies (float32 weights), no loss "
+                   "scaling; fp8 = simulated FP8 (E4M3 matmul inputs, E5M2 gradients, no scale factors)")
+    p.add_argument("--loss-scaling", action="store_true",
+                   help="wrap the optimizer in Keras's LossScaleOptimizer (how stock Keras runs float16)")
+    p.add_argument("--track-scales", type=int, default=0, metavar="N",
+                   help="every N steps record per-layer RMS and float16/FP8 under/overflow shares "
+                   "(scales.json, scales.png, TensorBoard); 0 = off (default)")
     p.add_argument("--no-unit-scaling", dest="unit_scaling", action="store_false",
                    help="the stock-Keras baseline of the same shape")
     p.add_argument("--constraint", default="rms", choices=("rms", "l2", "none"),
@@ -109,10 +134,23 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-vocab", type=int, default=20000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-jit", dest="jit_compile", action="store_false", help="disable XLA compilation")
+    p.add_argument("--strategy", default="auto", choices=("auto", "none", "mirrored", "multiworker"),
+                   help="tf.distribute: mirrored = all local GPUs, multiworker = machines named by TF_CONFIG, "
+                   "auto = multiworker if TF_CONFIG names >1 worker, else mirrored if >1 GPU, else none")
+    p.add_argument("--batch-rule", default="global", choices=("global", "per-replica"),
+                   help="global: --batch-size is the global batch, lr unchanged (default); per-replica: "
+                   "global batch = replicas x --batch-size and lr x sqrt(replicas)")
+    p.add_argument("--lr-rule", default="uniform", choices=("uniform", "umup"),
+                   help="umup: u-muP per-parameter multipliers on the base --lr (hidden weights fan_in^-1/2 "
+                   "x depth^-1/2, embeddings width^-1/2, norms/biases 1); unit-scaled models only")
     p.add_argument("--encoding", default="utf-8")
     p.add_argument("--errors", default="strict", choices=("strict", "replace", "ignore"),
                    help="what to do with undecodable bytes")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoint")
+    p.add_argument("--deterministic", action="store_true",
+                   help="TensorFlow's op determinism (bit-identical reruns on GPU; CPU runs already are)")
+    p.add_argument("--checkpoint-every", type=int, default=100, metavar="STEPS",
+                   help="save a resumable checkpoint every STEPS steps and at each epoch end (default 100)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
     p.add_argument("--json", action="store_true", help="print one JSON document on stdout")
     p.add_argument("--version", action="version", version=f"llm_unitscale {__version__}")

@@ -66,6 +66,10 @@ __all__ = [
     "detect_task",
     "label_counts",
     "lm_dataset",
+    "lm_steps_per_epoch",
+    "lm_train_batches",
+    "classify_train_batches",
+    "line_pieces",
     "lm_split",
     "lm_windows",
     "parse_labelled",
@@ -202,6 +206,24 @@ def _codec_name(path: str, encoding: str) -> str:
 
 
 # --------------------------------------------------------------------------- labels and task
+
+
+#: Longest piece of a line handed to the tokenizer at once (a very long line is split at a space before this).
+PIECE_CHARS = 32768
+
+
+def line_pieces(line: str, max_chars: int = PIECE_CHARS) -> list[str]:
+    """Split a line into pieces of at most ``max_chars`` characters, at the last whitespace before the limit
+    when there is one, so that a file that is one multi-megabyte line is tokenised (and fed to Word2Vec, which
+    truncates sentences at 10,000 words) piece by piece."""
+    pieces = []
+    while len(line) > max_chars:
+        cut = max(line.rfind(" ", 0, max_chars), line.rfind("\t", 0, max_chars))
+        cut = cut + 1 if cut > 0 else max_chars
+        pieces.append(line[:cut])
+        line = line[cut:]
+    pieces.append(line)
+    return pieces
 
 
 def parse_labelled_line(line: str) -> tuple[str, str] | None:
@@ -469,6 +491,40 @@ def lm_dataset(
     return dataset.prefetch(tf.data.AUTOTUNE)
 
 
+def lm_steps_per_epoch(num_tokens: int, seq_len: int, batch_size: int) -> int:
+    """Training steps per epoch: ``num_tokens // seq_len`` windows in whole batches, at least one."""
+    return max(1, (num_tokens // seq_len) // batch_size)
+
+
+def lm_train_batches(
+    ids: np.ndarray, seq_len: int, batch_size: int, seed: int, start_step: int, stop_step: int
+) -> tf.data.Dataset:
+    """Training batches ``start_step … stop_step − 1`` of a language model, each a pure function of its step.
+
+    Batch ``k`` holds ``batch_size`` windows of ``seq_len + 1`` tokens starting at offsets drawn by
+    ``tf.random.stateless_uniform(seed=[k, seed])`` — uniform over the corpus, like :func:`lm_dataset`'s
+    training mode — so a run resumed at step ``k`` sees exactly the batches an uninterrupted run sees.
+    Yields ``(x, y)`` int32 of shape ``(batch_size, seq_len)``, ``y`` shifted by one token.
+    """
+    import tensorflow as tf
+
+    array = _as_ids(ids).astype(np.int32, copy=False)
+    if len(array) < seq_len + 1:
+        raise ValueError(f"{len(array)} tokens are too few for one window of seq_len {seq_len}")
+    tokens = tf.constant(array)
+    span = tf.range(seq_len + 1, dtype=tf.int64)
+    max_start = len(array) - seq_len - 1
+
+    def make_batch(step: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        starts = tf.random.stateless_uniform([batch_size], seed=tf.stack([step, tf.constant(seed, tf.int64)]),
+                                             minval=0, maxval=max_start + 1, dtype=tf.int64)
+        windows = tf.gather(tokens, starts[:, None] + span[None, :])
+        return windows[:, :-1], windows[:, 1:]
+
+    steps = tf.data.Dataset.range(start_step, stop_step)
+    return steps.map(make_batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).prefetch(tf.data.AUTOTUNE)
+
+
 # --------------------------------------------------------------------------- classification
 
 
@@ -550,15 +606,52 @@ def classify_dataset(
         raise ValueError(f"max_len must be >= 1, got {max_len}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    x = np.full((len(token_ids), max_len), pad_id, dtype=np.int32)
-    for row, sequence in enumerate(token_ids):
-        kept = np.asarray(sequence[:max_len], dtype=np.int32)
-        x[row, : len(kept)] = kept
+    x = _padded(token_ids, max_len, pad_id)
     y = np.asarray(label_ids, dtype=np.int32)
     dataset = tf.data.Dataset.from_tensor_slices((x, y))
     if shuffle:
         dataset = dataset.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
     return dataset.batch(batch_size, drop_remainder=False).prefetch(tf.data.AUTOTUNE)
+
+
+def classify_train_batches(
+    token_ids: list[list[int]], label_ids: list[int], batch_size: int, max_len: int, seed: int,
+    start_step: int, stop_step: int, pad_id: int = 0,
+) -> tf.data.Dataset:
+    """Training batches ``start_step … stop_step − 1`` of a classifier, each a pure function of its step.
+
+    With ``S = ceil(n / batch_size)`` steps per epoch, step ``k`` is batch ``b = k mod S`` of epoch
+    ``e = k div S``: examples ``perm_e[b·B : (b+1)·B]`` of the permutation
+    ``tf.random.experimental.stateless_shuffle(range(n), seed=[e, seed])`` (the last batch of an epoch may be
+    short). So a resumed run sees exactly the batches an uninterrupted run sees. Padding as in
+    :func:`classify_dataset`.
+    """
+    import tensorflow as tf
+
+    x = tf.constant(_padded(token_ids, max_len, pad_id))
+    y = tf.constant(np.asarray(label_ids, dtype=np.int32))
+    n = len(label_ids)
+    per_epoch = -(-n // batch_size)
+
+    def make_batch(step: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        epoch, batch = step // per_epoch, step % per_epoch
+        order = tf.random.experimental.stateless_shuffle(
+            tf.range(n), seed=tf.stack([epoch, tf.constant(seed, tf.int64)])
+        )
+        chosen = order[batch * batch_size : tf.minimum((batch + 1) * batch_size, n)]
+        return tf.gather(x, chosen), tf.gather(y, chosen)
+
+    steps = tf.data.Dataset.range(start_step, stop_step)
+    return steps.map(make_batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).prefetch(tf.data.AUTOTUNE)
+
+
+def _padded(token_ids: list[list[int]], max_len: int, pad_id: int) -> np.ndarray:
+    """(n, max_len) int32: each sequence's first ``max_len`` ids, then ``pad_id``."""
+    x = np.full((len(token_ids), max_len), pad_id, dtype=np.int32)
+    for row, sequence in enumerate(token_ids):
+        kept = np.asarray(sequence[:max_len], dtype=np.int32)
+        x[row, : len(kept)] = kept
+    return x
 
 
 def label_counts(labels: list[str]) -> dict[str, int]:

@@ -73,13 +73,36 @@ def sample(probs: np.ndarray, rng: np.random.Generator, temperature: float = 1.0
     return int(rng.choice(len(p), p=p))
 
 
-def generate(run: Run, text: str, steps: int, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0) -> str:
-    """Sample up to ``steps`` tokens after ``text`` (stopping at end of line); returns the continuation text."""
+def generate(
+    run: Run,
+    text: str,
+    steps: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    cached: bool | None = None,
+) -> str:
+    """Sample up to ``steps`` tokens after ``text`` (stopping at end of line); returns the continuation text.
+
+    cached: decode transformer language models incrementally with a key/value cache
+    (:class:`llm_unitscale.decoding.IncrementalDecoder`: same logits as the full pass over the last seq_len
+    tokens, one token's work per step); False recomputes the full forward pass per token (the only path for the
+    cnn and mlp models). None (default) = cached wherever the model supports it.
+    """
+    from llm_unitscale import decoding
+
     ids, _ = encode_prompt(run, text)
     rng = np.random.default_rng(seed)
     new: list[int] = []
-    for _ in range(steps):
-        probs = softmax(_last_logits(run, ids + new))
+    if cached is None:
+        cached = decoding.supports(run.model)
+    decoder = decoding.IncrementalDecoder(run.model) if cached and steps > 0 else None
+    for step in range(steps):
+        if decoder is None:
+            logits = _last_logits(run, ids + new)
+        else:
+            logits = decoder.start(ids)[0] if step == 0 else decoder.append(new[-1])[0]
+        probs = softmax(logits)
         probs[[run.vocab.pad_id, run.vocab.bos_id, run.vocab.unk_id]] = 0.0
         token = sample(probs / probs.sum(), rng, temperature, top_p)
         if token == run.vocab.eos_id:

@@ -20,6 +20,7 @@ import keras
 import tensorflow as tf
 
 from llm_unitscale import layers as unit
+from llm_unitscale import precision
 
 TASKS = ("lm", "classify")
 ARCHS = ("transformer", "cnn", "mlp")
@@ -186,7 +187,18 @@ class _UnitKit:
 
 
 class _StockKit:
-    """Factories for the baseline: stock Keras layers and default initialisers."""
+    """Factories for the baseline: stock Keras layers and default initialisers.
+
+    Built while simulated FP8 is on (``precision.fp8_enabled()``), the matmul layers are the FP8 subclasses of
+    the stock layers in :mod:`llm_unitscale.precision` (same weights, inits and config; E4M3/E5M2 rounding
+    in every matmul, no scaling); otherwise the stock classes themselves.
+    """
+
+    def __init__(self) -> None:
+        fp8 = precision.fp8_enabled()
+        self.Dense = precision.FP8Dense if fp8 else keras.layers.Dense
+        self.Conv1D = precision.FP8Conv1D if fp8 else keras.layers.Conv1D
+        self.MultiHeadAttention = precision.FP8MultiHeadAttention if fp8 else keras.layers.MultiHeadAttention
 
     def embedding(self, vocab: int, width: int) -> keras.layers.Layer:
         return keras.layers.Embedding(vocab, width, name="embedding")
@@ -202,13 +214,13 @@ class _StockKit:
             width = int(x.shape[-1])
             drop = keras.layers.Dropout(rate, name=f"{name}_dropout")
             h = keras.layers.LayerNormalization(name=f"{name}_attention_norm")(x)
-            attention = keras.layers.MultiHeadAttention(heads, width // heads, dropout=rate, name=f"{name}_attention")
+            attention = self.MultiHeadAttention(heads, width // heads, dropout=rate, name=f"{name}_attention")
             attention_mask = None if mask is None else keras.ops.expand_dims(mask, 1)
             h = attention(h, h, attention_mask=attention_mask, use_causal_mask=causal)
             x = keras.layers.Add(name=f"{name}_attention_add")([x, drop(h)])
             h = keras.layers.LayerNormalization(name=f"{name}_mlp_norm")(x)
-            h = keras.layers.Dense(ratio * width, activation="gelu", name=f"{name}_mlp_up")(h)
-            h = keras.layers.Dense(width, name=f"{name}_mlp_down")(h)
+            h = self.Dense(ratio * width, activation="gelu", name=f"{name}_mlp_up")(h)
+            h = self.Dense(width, name=f"{name}_mlp_down")(h)
             return keras.layers.Add(name=f"{name}_mlp_add")([x, drop(h)])
 
         return apply
@@ -231,10 +243,10 @@ class _StockKit:
         return apply
 
     def conv(self, filters: int, kernel_size: int, padding: str, name: str) -> keras.layers.Layer:
-        return keras.layers.Conv1D(filters, kernel_size, padding=padding, activation="relu", name=name)
+        return self.Conv1D(filters, kernel_size, padding=padding, activation="relu", name=name)
 
     def dense(self, units: int, activation: str) -> keras.layers.Layer:
-        return keras.layers.Dense(units, activation=activation, name="hidden")
+        return self.Dense(units, activation=activation, name="hidden")
 
     def readout(self, units: int) -> keras.layers.Layer:
-        return keras.layers.Dense(units, name="readout")
+        return self.Dense(units, name="readout")

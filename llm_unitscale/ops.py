@@ -20,6 +20,13 @@ tests compare against true autodiff gradients of the same forward maths.
 Efficiency: a dense/conv op applies α to the *kernel* (a weight-sized multiply) rather than to the activations,
 and the input-gradient rescale is skipped when β_x = α, so a square projection costs no extra activation-sized
 work. Python-float scales are folded at trace time and ×1 multiplies are skipped.
+
+Low precision: every matmul here (dense, readout, conv1d, both attention matmuls) passes its operands through
+``precision.fp8_matmul_inputs`` (E4M3, straight-through) and its output through ``precision.fp8_matmul_output``
+(E5M2 gradient). Both are no-ops unless simulated FP8 is on at trace time (``precision.set_fp8``); the rounding
+rules live in :mod:`llm_unitscale.precision`. The operands are rounded at unit scale, *before* α is applied
+(α·(q(x)·q(W)) is an FP8 matmul with a fixed output scale); attention rounds n·softmax (unit scale), not the
+probabilities (≈1/n, at the bottom of E4M3's range).
 """
 
 from __future__ import annotations
@@ -32,6 +39,8 @@ from collections.abc import Callable, Iterator
 import keras
 import numpy as np
 import tensorflow as tf
+
+from llm_unitscale.precision import fp8_enabled, fp8_matmul_inputs, fp8_matmul_output
 
 Scale = float | tf.Tensor
 
@@ -105,6 +114,23 @@ def rows(x: tf.Tensor) -> int | tf.Tensor:
     return tf.reduce_prod(tf.shape(x)[:-1])
 
 
+def _matmul_rows(x: tf.Tensor, w: tf.Tensor) -> tf.Tensor:
+    """``x·w`` for x (..., fan_in) and w (fan_in, fan_out), as one 2-D MatMul over the flattened rows.
+
+    Same maths as ``tf.matmul(x, w)``; but on a rank-3 x that is a BatchMatMul broadcasting w, whose weight
+    gradient is computed per batch element and then summed (a B-times larger intermediate and an extra pass),
+    and which oneDNN runs slower than MatMul. Keras's Dense flattens the same way.
+    """
+    if len(x.shape) == 2:
+        return tf.matmul(x, w)
+    fan_in, fan_out = int(w.shape[0]), int(w.shape[1])
+    y = tf.matmul(tf.reshape(x, [-1, fan_in]), w)
+    lead = x.shape[:-1]
+    if lead.is_fully_defined():
+        return tf.reshape(y, [*lead.as_list(), fan_out])
+    return tf.reshape(y, tf.concat([tf.shape(x)[:-1], [fan_out]], axis=0))
+
+
 def rsqrt(n: int | float | tf.Tensor) -> Scale:
     """n^-½, as a Python float when n is static."""
     if _is_python_number(n):
@@ -135,7 +161,8 @@ def dense(
     beta_x = fan_out**-0.5 if grad_input_scale is None else grad_input_scale
     beta_w = _times(rsqrt(rows(x)), grad_weight_scale)
     x = scale_bwd(x, _ratio(beta_x, alpha))
-    y = tf.matmul(x, scaled(kernel, alpha, beta_w))
+    x, kernel = fp8_matmul_inputs(x, kernel)  # simulated FP8 (precision.py): no-op unless on
+    y = fp8_matmul_output(_matmul_rows(x, scaled(kernel, alpha, beta_w)))
     if bias is not None:
         y = y + scaled(bias, alpha, beta_w)
     return y
@@ -157,7 +184,8 @@ def readout(x: tf.Tensor, kernel: tf.Tensor, bias: tf.Tensor | None = None, kern
     alpha = fan_in**-0.5
     beta_w = rsqrt(rows(x))
     x = scale_bwd(x, _ratio(fan_out**-0.5 / kernel_scale, alpha))
-    y = tf.matmul(x, scaled(kernel, alpha, beta_w))
+    x, kernel = fp8_matmul_inputs(x, kernel)
+    y = fp8_matmul_output(_matmul_rows(x, scaled(kernel, alpha, beta_w)))
     if bias is not None:
         y = y + scale_bwd(tf.cast(bias, y.dtype), beta_w)
     return y
@@ -198,7 +226,9 @@ def conv1d(
     x = scale_bwd(x, _ratio(beta_x, alpha))
     n_out = _conv_rows(x, k, dilation_rate, tf_padding)
     beta_w = rsqrt(n_out)
+    x, kernel = fp8_matmul_inputs(x, kernel)
     y = tf.nn.conv1d(x, scaled(kernel, alpha, beta_w), stride=1, padding=tf_padding, dilations=dilation_rate)
+    y = fp8_matmul_output(y)
     if bias is not None:
         y = y + scaled(bias, alpha, beta_w)
     return y
@@ -289,14 +319,19 @@ def softmax_cross_entropy(logits: tf.Tensor, targets: tf.Tensor, mask: tf.Tensor
     @tf.custom_gradient
     def _loss(x: tf.Tensor) -> tuple[tf.Tensor, Callable]:
         x32 = tf.cast(x, tf.float32)
-        ce = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=safe_targets, logits=x32)
+        # the fused kernel returns softmax(x) − onehot(t) (its "backprop") with the loss: reuse it in grad
+        # rather than recomputing softmax and the one-hot (flattened: the raw op takes (N, V) and (N,))
+        ce, delta = tf.raw_ops.SparseSoftmaxCrossEntropyWithLogits(
+            features=tf.reshape(x32, [-1, vocab]), labels=tf.reshape(safe_targets, [-1])
+        )
+        ce = tf.reshape(ce, tf.shape(safe_targets))
         count = tf.maximum(tf.reduce_sum(m), 1.0)
         loss = tf.reduce_sum(ce * m) / count
 
         def grad(g: tf.Tensor) -> tf.Tensor:
-            delta = tf.nn.softmax(x32) - tf.one_hot(safe_targets, vocab, dtype=tf.float32)
             scale = 1.0 / count if exact else vocab / math.sqrt(max(vocab - 1, 1))
-            return tf.cast(delta * (m * scale * tf.cast(g, tf.float32))[..., None], x.dtype)
+            dx = delta * tf.reshape(m * scale * tf.cast(g, tf.float32), [-1, 1])
+            return tf.cast(tf.reshape(dx, tf.shape(x)), x.dtype)
 
         return loss, grad
 
@@ -425,7 +460,8 @@ def attention(
     head_dim = int(q.shape[-1])
     q = scale_bwd(q, qk_grad_scale)
     k = scale_bwd(k, qk_grad_scale)
-    scores = tf.matmul(q, k, transpose_b=True) * (1.0 / head_dim)
+    q, k = fp8_matmul_inputs(q, k)
+    scores = fp8_matmul_output(tf.matmul(q, k, transpose_b=True) * (1.0 / head_dim))
     t_q, t_k = tf.shape(q)[2], tf.shape(k)[2]
     visible = None
     if causal:
@@ -440,10 +476,14 @@ def attention(
         count = tf.cast(t_k, scores.dtype)
         probs = tf.nn.softmax(scores, axis=-1)
     else:
-        visible = tf.broadcast_to(visible, tf.shape(scores))
+        # the mask stays (1|B, 1, t_q, t_k) and broadcasts in the select; n_i is summed over it, not over a
+        # (B, H, t_q, t_k) copy (B·H times less work, same values)
         scores = tf.where(visible, scores, tf.cast(scores.dtype.min, scores.dtype) * 0.5)
         probs = tf.nn.softmax(scores, axis=-1)
         count = tf.maximum(tf.reduce_sum(tf.cast(visible, scores.dtype), axis=-1, keepdims=True), 1.0)
+    if fp8_enabled():  # E4M3 operands at unit scale: n·softmax (the unit-scaled softmax), then n^-½ = √n/n
+        probs, v = fp8_matmul_inputs(probs * count, v)
+        return fp8_matmul_output(tf.matmul(probs, v) * tf.math.rsqrt(count))
     return tf.matmul(probs, v) * tf.sqrt(count)
 
 

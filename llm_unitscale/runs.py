@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import tempfile
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -142,6 +143,8 @@ def load_run(path: str | os.PathLike) -> Run:
     config = load_config(folder)
     tokenizer = Tokenizer.from_config(config["tokenizer"])
     vocab = Vocabulary.load(folder / VOCAB)
+    if not zipfile.is_zipfile(folder / MODEL):
+        raise RunError(f"{folder / MODEL}: not a Keras model file (not a zip archive: truncated or corrupt?)")
     try:
         model = keras.models.load_model(folder / MODEL, compile=False)
     except Exception as exc:  # a corrupt zip, a wrong file, missing layer classes: all say the same to a user

@@ -16,6 +16,7 @@ import platform
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -23,12 +24,17 @@ from typing import Any, TextIO
 import keras
 import numpy as np
 
+from llm_unitscale import checkpoint, runs
 from llm_unitscale import data as data_mod
-from llm_unitscale import runs
+from llm_unitscale import precision as precision_mod
 
 #: Default peak learning rate: unit-scaled vs stock Keras baseline (from the sweep; see the module docstring).
 DEFAULT_LR = {True: 1e-2, False: 1e-3}
-PRECISIONS = {"float32": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
+#: What must match between an interrupted run and its --resume (other options, e.g. --lr, may change).
+RESUME_KEYS = ("data_sha256", "task", "arch", "vocab_size", "width", "depth", "heads", "seq_len", "batch_size",
+               "epochs", "max_steps", "unit_scaling", "seed", "tokenizer")
+#: --precision → the model's Keras dtype policy (mixed policies, simulated fp8, keras-float8: see precision.py).
+PRECISIONS = precision_mod.POLICIES
 
 
 class ConfigError(ValueError):
@@ -59,6 +65,8 @@ class TrainConfig:
     tau: float = 0.5
     constraint: str | None = "rms"
     precision: str = "float32"
+    loss_scaling: bool = False  # wrap the optimizer in keras.optimizers.LossScaleOptimizer (float16 baseline)
+    track_scales: int = 0  # record per-layer scales every N steps (scale_tracker.ScaleTracker); 0 = off
     unit_scaling: bool = True
     embeddings: str = "word2vec"
     min_count: int = 1
@@ -69,14 +77,19 @@ class TrainConfig:
     encoding: str = "utf-8"
     errors: str = "strict"
     resume: bool = False
+    checkpoint_every: int = 100
+    deterministic: bool = False
     overwrite: bool = False
+    strategy: str = "auto"  # auto | none | mirrored | multiworker (llm_unitscale.distribute)
+    batch_rule: str = "global"  # global | per-replica (llm_unitscale.distribute.scaled_batch_and_lr)
+    lr_rule: str = "uniform"  # uniform | umup: per-parameter lr multipliers (llm_unitscale.optimizers)
 
     def learning_rate(self) -> float:
         return self.lr if self.lr is not None else DEFAULT_LR[self.unit_scaling]
 
     def validate(self) -> None:
         """Reject impossible sizes with a one-line ValueError before any work is done."""
-        for name in ("epochs", "batch_size", "seq_len", "width", "depth", "heads", "min_count"):
+        for name in ("epochs", "batch_size", "seq_len", "width", "depth", "heads", "min_count", "checkpoint_every"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
@@ -94,6 +107,22 @@ class TrainConfig:
             raise ConfigError(f"--lr must be in (0, 10), got {self.lr}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision}")
+        from llm_unitscale import distribute, optimizers
+
+        for name, allowed in (("strategy", distribute.STRATEGIES), ("batch_rule", distribute.BATCH_RULES),
+                              ("lr_rule", optimizers.LR_RULES)):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, "
+                                  f"got {getattr(self, name)}")
+        try:
+            distribute.resolve_strategy(self.strategy)  # e.g. multiworker without TF_CONFIG
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc
+        if self.precision == "keras-float8" and self.unit_scaling:
+            raise ConfigError("--precision keras-float8 (Keras's own float8 layers) needs --no-unit-scaling; "
+                              "unit-scaled models use --precision fp8")
+        if not isinstance(self.track_scales, int) or self.track_scales < 0:
+            raise ConfigError(f"--track-scales must be a number of steps >= 0 (0 = off), got {self.track_scales}")
 
 
 @dataclass
@@ -124,7 +153,7 @@ def lm_ids(tokenizer: Any, vocab: Any, text: str) -> np.ndarray:
     """Token ids of a text for language modelling: each line's tokens followed by ``<eos>``."""
     ids: list[int] = []
     for line in text.split("\n"):
-        tokens = tokenizer.tokenize(line)
+        tokens = [t for piece in data_mod.line_pieces(line) for t in tokenizer.tokenize(piece)]
         if tokens:
             ids.extend(vocab.encode(tokens))
             ids.append(vocab.eos_id)
@@ -141,9 +170,10 @@ def prepare_corpus(cfg: TrainConfig, text: str) -> Corpus:
     tokenizer = Tokenizer(mode=cfg.tokenizer, lowercase=cfg.lowercase)
     if task == "lm":
         train_text, val_text = split_tail(text, cfg.val_fraction)
-        token_lines = [t for t in (tokenizer.tokenize(line) for line in train_text.split("\n")) if t]
-        if not token_lines:
-            raise data_mod.DataError(path, "no tokens found (only punctuation or symbols the tokenizer drops?)")
+        pieces = (piece for line in train_text.split("\n") for piece in data_mod.line_pieces(line))
+        token_lines = [t for t in map(tokenizer.tokenize, pieces) if t]
+        if not any(ch.isalnum() for line in token_lines for token in line for ch in token):
+            raise data_mod.DataError(path, "no words found, only punctuation, symbols or spaces")
         vocab = Vocabulary.build(token_lines, min_count=cfg.min_count, max_size=cfg.max_vocab)
         train_ids, val_ids = lm_ids(tokenizer, vocab, train_text), lm_ids(tokenizer, vocab, val_text)
         need = cfg.seq_len + 1
@@ -179,16 +209,29 @@ def prepare_corpus(cfg: TrainConfig, text: str) -> Corpus:
     )
 
 
-def datasets(cfg: TrainConfig, corpus: Corpus) -> tuple[Any, Any, int]:
-    """(train dataset, validation dataset, steps per epoch)."""
+def datasets(cfg: TrainConfig, corpus: Corpus) -> tuple[Callable[[int, int], Any], Any, int]:
+    """(train batches ``(start_step, stop_step) → dataset``, validation dataset, steps per epoch), batched by the
+    *global* batch size. Training batch k is a pure function of k, so a resumed run sees the same batches.
+
+    The global batch is ``cfg.batch_size``, or replicas × it under ``--batch-rule per-replica``
+    (``distribute.scaled_batch_and_lr``); Keras splits each batch over the replicas.
+    """
+    from llm_unitscale import distribute
+
+    replicas = int(distribute.get_strategy(cfg.strategy).num_replicas_in_sync)
+    batch, _ = distribute.scaled_batch_and_lr(cfg.batch_size, 0.0, replicas, cfg.batch_rule)
     if corpus.task == "lm":
-        train = data_mod.lm_dataset(corpus.train, cfg.seq_len, cfg.batch_size, shuffle=True, seed=cfg.seed)
-        val = data_mod.lm_dataset(corpus.val, cfg.seq_len, cfg.batch_size, shuffle=False)
-        steps = max(1, (len(corpus.train) // cfg.seq_len) // cfg.batch_size)
-        return train, val, steps
-    train = data_mod.classify_dataset(*corpus.train, cfg.batch_size, cfg.seq_len, shuffle=True, seed=cfg.seed)
-    val = data_mod.classify_dataset(*corpus.val, cfg.batch_size, cfg.seq_len, shuffle=False)
-    return train, val, max(1, math.ceil(len(corpus.train[1]) / cfg.batch_size))
+        def train(start: int, stop: int) -> Any:
+            return data_mod.lm_train_batches(corpus.train, cfg.seq_len, batch, cfg.seed, start, stop)
+
+        val = data_mod.lm_dataset(corpus.val, cfg.seq_len, batch, shuffle=False)
+        return train, val, data_mod.lm_steps_per_epoch(len(corpus.train), cfg.seq_len, batch)
+
+    def train(start: int, stop: int) -> Any:  # noqa: F811 (one of the two per task)
+        return data_mod.classify_train_batches(*corpus.train, batch, cfg.seq_len, cfg.seed, start, stop)
+
+    val = data_mod.classify_dataset(*corpus.val, batch, cfg.seq_len, shuffle=False)
+    return train, val, max(1, math.ceil(len(corpus.train[1]) / batch))
 
 
 def init_embeddings(cfg: TrainConfig, corpus: Corpus, model: Any, work: Path, log: TextIO) -> dict:
@@ -261,38 +304,92 @@ def plot_history(history: dict, path: Path) -> None:
 
 
 def distribution_scope(cfg: TrainConfig) -> Any:
-    """The context in which the model and optimizer are created (a ``tf.distribute`` strategy scope)."""
-    return contextlib.nullcontext()
+    """The context in which the model and optimizer are created (a ``tf.distribute`` strategy scope).
+
+    ``cfg.strategy`` picks it (``llm_unitscale.distribute``); under more than one replica it sets
+    ``cfg.jit_compile = False`` with a note on stderr.
+    """
+    from llm_unitscale import distribute
+
+    return distribute.strategy_scope(cfg)
 
 
 def make_optimizer(cfg: TrainConfig, lr: float, total_steps: int) -> keras.optimizers.Optimizer:
-    """AdamW, linear warm-up to ``lr`` then cosine decay to lr/10."""
+    """AdamW, linear warm-up to ``lr`` then cosine decay to lr/10.
+
+    ``optimizers.UnitAdamW``: for unit-scaled models ``cfg.lr_rule`` ("umup": u-μP per-parameter multipliers,
+    "uniform": none) and the √replicas gradient correction under tf.distribute; the stock baseline always gets
+    one learning rate and no correction (it only shares the dense all-reduce of embedding gradients). ``lr`` is
+    the single-replica rate; under ``cfg.batch_rule`` "per-replica" it is rescaled for the replica count
+    (``distribute.scaled_batch_and_lr``).
+    """
+    from llm_unitscale import distribute, optimizers
+
+    _, lr = distribute.scaled_batch_and_lr(cfg.batch_size, lr, distribute.num_replicas(), cfg.batch_rule)
     warmup = min(cfg.warmup_steps, max(total_steps // 10, 1))
     schedule = keras.optimizers.schedules.CosineDecay(
         0.0, decay_steps=max(total_steps - warmup, 1), alpha=0.1, warmup_target=lr, warmup_steps=warmup
     )
-    return keras.optimizers.AdamW(schedule, weight_decay=cfg.weight_decay, beta_2=0.99)
+    return optimizers.UnitAdamW(
+        schedule, weight_decay=cfg.weight_decay, beta_2=0.99, lr_rule=cfg.lr_rule if cfg.unit_scaling else "uniform",
+        replica_correction=cfg.unit_scaling,
+    )
 
 
 def compile_model(cfg: TrainConfig, model: Any, optimizer: keras.optimizers.Optimizer) -> None:
-    """Compile with the model's loss, accuracy, XLA as configured and no automatic loss scaling."""
+    """Compile with the model's loss, accuracy, XLA as configured and no automatic loss scaling.
+
+    ``cfg.loss_scaling`` wraps the optimizer in Keras's dynamic ``LossScaleOptimizer`` (how stock Keras runs
+    float16); ``--precision keras-float8`` quantizes the model's Dense/EinsumDense layers with
+    ``model.quantize("float8")`` first (Keras's delayed-scaling float8 training).
+    """
     from llm_unitscale.models import loss_for
 
+    if cfg.precision == "keras-float8":
+        model.quantize("float8")
+    if cfg.loss_scaling:
+        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     model.compile(
         optimizer=optimizer, loss=loss_for(cfg.unit_scaling), metrics=["accuracy"],
         jit_compile=cfg.jit_compile, auto_scale_loss=False,
     )
 
 
-def make_callbacks(cfg: TrainConfig, work: Path, throughput: Throughput) -> list[keras.callbacks.Callback]:
-    """Checkpoints for --resume, NaN stop, TensorBoard logs, throughput."""
-    (work / "checkpoints").mkdir(exist_ok=True)
-    return [
-        keras.callbacks.BackupAndRestore(str(work / "checkpoints" / "backup"), save_freq="epoch"),
+def check_same_run(path: Path, config: dict) -> None:
+    """Refuse to resume an interrupted run with different data or a different model or schedule."""
+    import json
+
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # interrupted before its config was written: nothing to compare with
+    for key in RESUME_KEYS:
+        if key in saved and saved[key] != config.get(key):
+            raise runs.RunError(f"{path}: the interrupted run has {key} = {saved[key]!r}, not {config.get(key)!r}; "
+                                "resume with the same data and options, or pass --overwrite to start afresh")
+
+
+def make_callbacks(
+    cfg: TrainConfig, work: Path, throughput: Throughput, probe_data: Any = None
+) -> list[keras.callbacks.Callback]:
+    """NaN stop, TensorBoard logs, throughput (the resumable checkpoint is made in :func:`train`).
+
+    With ``cfg.track_scales`` N > 0, also a ``ScaleTracker`` on the first batch of ``probe_data`` (the
+    validation set: fixed, unshuffled) every N steps → scales.json, scales.png and TensorBoard ``logs/scales``.
+    It comes after ``throughput``, so its probe passes are not counted as training time. Off by default: each
+    probe is an eager float32 forward/backward pass, worth several compiled steps.
+    """
+    callbacks = [
         keras.callbacks.TerminateOnNaN(),
         keras.callbacks.TensorBoard(str(work / "logs"), write_graph=False),
         throughput,
     ]
+    if cfg.track_scales and probe_data is not None:
+        from llm_unitscale.scale_tracker import ScaleTracker
+
+        ids, targets = next(iter(probe_data))[:2]
+        callbacks.append(ScaleTracker(ids, targets, cfg.track_scales, out_dir=work, log_dir=work / "logs"))
+    return callbacks
 
 
 def train(cfg: TrainConfig, log: TextIO = sys.stderr) -> dict:
@@ -319,21 +416,25 @@ def train(cfg: TrainConfig, log: TextIO = sys.stderr) -> dict:
             shutil.rmtree(work)
         work.mkdir(exist_ok=True)
     except OSError as exc:
-        raise runs.RunError(f"{out}: cannot write the run folder ({exc.strerror or exc})") from exc
+        blocker = next((str(d) for d in reversed(out.parents) if d.exists() and not d.is_dir()), None)
+        reason = f"{blocker} is a file, not a folder" if blocker else exc.strerror or str(exc)
+        raise runs.RunError(f"{out}: cannot write the run folder ({reason})") from exc
 
     text = data_mod.read_text(cfg.data, cfg.encoding, cfg.errors)
     keras.utils.set_random_seed(cfg.seed)
+    if cfg.deterministic:  # CPU kernels already are; on GPU this picks deterministic (slower) ones
+        tf.config.experimental.enable_op_determinism()
     corpus = prepare_corpus(cfg, text)
     print(f"task: {corpus.task} ({'auto-detected' if cfg.task == 'auto' else 'given'}), "
           f"vocabulary {len(corpus.vocab)}" + (f", labels {corpus.labels}" if corpus.labels else ""), file=log)
-    train_ds, val_ds, steps_per_epoch = datasets(cfg, corpus)
+    train_batches, val_ds, steps_per_epoch = datasets(cfg, corpus)
     epochs = cfg.epochs
     if cfg.max_steps is not None:
         steps_per_epoch = min(steps_per_epoch, cfg.max_steps)
         epochs = math.ceil(cfg.max_steps / steps_per_epoch)
     total_steps = epochs * steps_per_epoch
 
-    keras.mixed_precision.set_global_policy(PRECISIONS[cfg.precision])
+    precision_mod.apply(cfg.precision)  # Keras global dtype policy + the fp8 switch
     with distribution_scope(cfg):
         model = build_model(
             task=corpus.task, arch=cfg.arch, vocab_size=len(corpus.vocab), seq_len=cfg.seq_len, width=cfg.width,
@@ -361,23 +462,44 @@ def train(cfg: TrainConfig, log: TextIO = sys.stderr) -> dict:
         },
         **extra,
     }
+    checkpoints = work / "checkpoints"
+    state = checkpoint.load_state(checkpoints) if cfg.resume else None
+    if state is not None:
+        check_same_run(work / runs.CONFIG, config)
     corpus.vocab.save(work / runs.VOCAB)
     runs.atomic_write_bytes(work / runs.VALIDATION, corpus.val_text.encode("utf-8"))
     runs.atomic_write_json(work / runs.CONFIG, config)
 
     tokens_per_step = cfg.batch_size * cfg.seq_len  # classify: padded tokens per batch
     throughput = Throughput(tokens_per_step)
-    callbacks = make_callbacks(cfg, work, throughput)
+    checkpoints.mkdir(exist_ok=True)
+    state = state or checkpoint.TrainingState()
+    checkpoint.restore(model, checkpoints, state)
+    saver = checkpoint.ResumableCheckpoint(checkpoints, steps_per_epoch, cfg.checkpoint_every, state)
+    callbacks = [saver, *make_callbacks(cfg, work, throughput, val_ds)]
     print(f"training {config['params']:,} parameters for {total_steps} steps "
-          f"({epochs} epochs × {steps_per_epoch}), lr {lr:g}, {cfg.precision}", file=log)
-    with contextlib.redirect_stdout(log):  # Keras progress bars go to stderr; stdout stays for --json
-        history = model.fit(
-            train_ds, validation_data=val_ds, epochs=epochs, steps_per_epoch=steps_per_epoch,
-            callbacks=callbacks, verbose=1 if log.isatty() else 2,
-        ).history
-    history = {k: [float(v) for v in vals] for k, vals in history.items()}
-    if not history or not all(math.isfinite(v) for v in history.get("loss", [math.nan])):
-        raise FloatingPointError("training diverged (loss became NaN/inf); try a smaller --lr")
+          f"({epochs} epochs × {steps_per_epoch}), lr {lr:g}, {cfg.precision}"
+          + (f"; resuming at step {state.step}" if state.step else ""), file=log)
+    done = state.step
+    with contextlib.redirect_stdout(log), checkpoint.stop_on_sigint(saver):  # progress bars → stderr
+        for initial_epoch, end_epoch, steps in checkpoint.segments(state, steps_per_epoch, epochs):
+            stop = done + steps * (end_epoch - initial_epoch)
+            model.fit(
+                train_batches(done, stop), validation_data=val_ds, initial_epoch=initial_epoch, epochs=end_epoch,
+                steps_per_epoch=steps, callbacks=callbacks, verbose=1 if log.isatty() else 2,
+            )
+            done = stop
+            if saver.stopped:
+                break
+    if saver.nan_step is not None:
+        last = (f"the last good checkpoint is step {saver.saved_step} in {checkpoints}" if saver.saved_step
+                else "no checkpoint was saved before it")
+        raise FloatingPointError(f"training diverged: the loss became NaN/inf at step {saver.nan_step}; {last}; "
+                                 "try a smaller --lr")
+    if saver.interrupted and saver.state.step < total_steps:  # a Ctrl-C after the last step changes nothing
+        raise checkpoint.TrainingInterrupted(f"interrupted at step {saver.state.step} of {total_steps}; "
+                                             f"checkpoint saved in {checkpoints}")
+    history = saver.state.history
 
     val_loss = history["val_loss"][-1]
     metrics = {
@@ -392,6 +514,8 @@ def train(cfg: TrainConfig, log: TextIO = sys.stderr) -> dict:
     runs.atomic_write_json(work / runs.METRICS, metrics)
     plot_history(history, work / runs.PLOT)
     runs.publish(work, out, overwrite=cfg.overwrite or cfg.resume)
+    for stale in (out / "checkpoints").glob("*"):  # the published model.keras supersedes them
+        stale.unlink()
     return {
         "run": str(out),
         "task": corpus.task,

@@ -5,32 +5,16 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from gensim.test.utils import datapath
+from helpers import TINY, ok_json, script
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--width", "32", "--depth", "1", "--heads", "2", "--seq-len", "16", "--batch-size", "8", "--no-jit"]
 LM_KEYS = {"loss", "perplexity", "accuracy", "top5_accuracy", "bits_per_char", "tokens", "unk_rate", "task",
            "model", "examples", "seconds"}
 CLASSIFY_KEYS = {"accuracy", "macro_f1", "per_class", "confusion", "labels", "task", "model", "examples", "seconds"}
 TRAIN_KEYS = {"run", "task", "params", "steps", "tokens_per_second", "seconds", "loss", "val_loss", "val_accuracy"}
-
-
-def script(name: str, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run(
-        [sys.executable, str(ROOT / f"{name}.py"), *args], cwd=ROOT, env=env, input=stdin,
-        capture_output=True, text=True, timeout=300,
-    )
-
-
-def ok_json(result: subprocess.CompletedProcess) -> dict:
-    assert result.returncode == 0, result.stderr[-2000:]
-    return json.loads(result.stdout)
 
 
 @pytest.fixture(scope="module")

@@ -370,3 +370,14 @@ def test_dataset_file_jieba_continuation() -> None:
             if (a, b) == ("我", "喜欢")
         ]
     assert following.count("编程") >= 0.6 * len(following) > 0
+
+
+def test_line_pieces_split_long_lines_at_spaces_and_lose_nothing() -> None:
+    from llm_unitscale.data import line_pieces
+
+    line = "word " * 10_000
+    pieces = line_pieces(line, 1000)
+    assert "".join(pieces) == line and max(map(len, pieces)) <= 1000
+    assert all(piece.endswith(" ") for piece in pieces[:-1])  # never inside a word
+    assert [len(p) for p in line_pieces("x" * 2500, 1000)] == [1000, 1000, 500]  # no space: hard cut
+    assert line_pieces("short line") == ["short line"]

@@ -1,0 +1,284 @@
+"""Incremental decoding with a key/value cache for the transformer language models of :mod:`llm_unitscale.models`.
+
+A decoder-only transformer recomputes, at every new token, the keys and values of every earlier position — work
+that does not change from one token to the next. :class:`KVCacheDecoder` keeps them: a *prefill* runs the prompt
+once (T positions, causal) and stores each block's keys K and values V; each *step* then runs one new token at
+position p through the model, writes its k, v into row p of a fixed-size cache and attends over rows 0…p.
+
+Exactly the maths of the full forward pass, with the model's own layers and weights:
+
+* unit-scaled model (:class:`~llm_unitscale.layers.UnitTransformerBlock`): q, k, v, o come from
+  :func:`ops.dense` with the attention layer's kernels, attention is :func:`ops.attention` itself, and the
+  residuals are :func:`ops.residual_add`. Unit-scaled attention multiplies query i's output by √n_i, with n_i
+  the number of keys it may see (i+1 in a causal model). In a step, the query at position p attends over the
+  fixed cache of S = ``seq_len`` rows with a key mask ``j ≤ p``, so ``ops.attention`` counts n = p + 1 — the same
+  factor as row p of the full forward pass;
+* stock-Keras baseline: the ``keras.layers.MultiHeadAttention`` layer's own projections and its
+  ``_compute_attention`` (softmax(q·kᵀ/√d_head)·v through ``ops.dot_product_attention``) with the same key mask;
+  LayerNormalization, Dense and Add layers are called as they are in the model.
+
+Norms, MLPs, the embedding, the readout act row by row, so running them on one row gives that row of the full
+pass. Results equal the uncached path up to float rounding (matmuls of a different shape sum in another order).
+
+Context window (the choice made here): positions are learned absolute embeddings over ``seq_len`` slots, and the
+uncached path (``inference.generate``) feeds the *last* ``seq_len`` tokens at positions 0…seq_len−1. Once the
+window is full, every further token shifts every position, so every cached key and value changes: there is
+nothing left to reuse. :class:`IncrementalDecoder` then falls back to a full prefill of the last ``seq_len``
+tokens per new token — the uncached cost, and exactly the uncached output. Generation with
+``len(prompt) + new_tokens ≤ seq_len`` is cached throughout.
+
+Cost per cached step: O(depth·width²) for the projections plus O(depth·S·width) for attention over the fixed
+cache, instead of O(depth·T·width² + depth·T²·width) for a full forward pass over T tokens. The step is one
+``tf.function`` with static shapes (compiled by XLA by default), so it is traced once per batch size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from llm_unitscale import layers as unit_layers
+from llm_unitscale import ops
+from llm_unitscale.models import PositionEmbedding
+
+Caches = tuple[tf.Tensor, ...]
+
+
+def supports(model: keras.Model) -> bool:
+    """Whether ``model`` is a transformer language model from :func:`build_model` (unit-scaled or stock)."""
+    names = {layer.name for layer in model.layers}
+    if not {"embedding", "position", "final_norm", "readout"} <= names:
+        return False
+    if len(model.outputs[0].shape) != 3:  # (B, T, V): a language model
+        return False
+    return isinstance(model.get_layer("position"), (unit_layers.UnitPositionEmbedding, PositionEmbedding))
+
+
+class _UnitBlock:
+    """One unit-scaled transformer block run on new rows against a (B, H, S, d_head) key/value cache."""
+
+    seq_axis = 2  # caches are (B, H, S, d_head), the layout of ops.attention
+
+    def __init__(self, block: unit_layers.UnitTransformerBlock):
+        self.block = block
+        self.attention = block.attention
+        self.heads = block.attention.num_heads
+        self.width = int(block.attention.kernels[0].shape[0])
+        self.head_dim = self.width // self.heads
+        self.causal = block.attention.causal
+
+    def cache_shape(self, batch: int, length: int) -> tuple[int, ...]:
+        return (batch, self.heads, length, self.head_dim)
+
+    def _split(self, t: tf.Tensor) -> tf.Tensor:
+        shape = tf.shape(t)
+        return tf.transpose(tf.reshape(t, [shape[0], shape[1], self.heads, self.head_dim]), [0, 2, 1, 3])
+
+    def __call__(
+        self, x: tf.Tensor, key_cache: tf.Tensor | None, value_cache: tf.Tensor | None, pos: tf.Tensor | None
+    ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+        """Run ``x`` (B, T, d) through the block. With no cache (prefill from position 0): causal attention over
+        the T new rows. With a cache (one row at position ``pos``): write k, v into row pos, attend over ≤ pos.
+        Returns (output, keys, values), the keys/values being the updated cache or the T new rows."""
+        attention = self.block.attention
+        dtype = attention.compute_dtype
+        kernels = [tf.cast(k.value, dtype) for k in attention.kernels]
+        biases = [tf.cast(b.value, dtype) for b in attention.biases] if attention.use_bias else [None] * 4
+        x = tf.cast(x, self.block.compute_dtype)
+        kv: list[tf.Tensor] = []
+
+        def attention_branch(h: tf.Tensor) -> tf.Tensor:
+            h = tf.cast(self.block.attention_norm(h), dtype)
+            q, k, v = (self._split(ops.dense(h, kernels[i], biases[i])) for i in range(3))
+            if key_cache is None:
+                keys, values = k, v
+                o = ops.attention(q, keys, values, causal=self.causal)
+            else:
+                keys = _write(key_cache, k, pos, self.seq_axis)
+                values = _write(value_cache, v, pos, self.seq_axis)
+                visible = tf.range(tf.shape(keys)[self.seq_axis]) <= pos  # keys 0…pos
+                o = ops.attention(q, keys, values, causal=self.causal, padding_mask=visible[None, :])
+            kv.extend((keys, values))
+            o = tf.transpose(o, [0, 2, 1, 3])
+            shape = tf.shape(o)
+            return ops.dense(tf.reshape(o, [shape[0], shape[1], self.width]), kernels[3], biases[3])
+
+        def mlp_branch(h: tf.Tensor) -> tf.Tensor:
+            return self.block.mlp(self.block.mlp_norm(h))
+
+        x = ops.residual_add(x, attention_branch, self.block.tau)
+        x = ops.residual_add(x, mlp_branch, self.block.tau)
+        return x, kv[0], kv[1]
+
+
+class _StockBlock:
+    """One stock-Keras transformer block (models._StockKit) against a (B, S, H, d_head) key/value cache."""
+
+    seq_axis = 1  # caches are (B, S, H, d_head), the layout of keras.layers.MultiHeadAttention
+
+    def __init__(self, model: keras.Model, name: str):
+        get = model.get_layer
+        self.attention_norm = get(f"{name}_attention_norm")
+        self.attention: keras.layers.MultiHeadAttention = get(f"{name}_attention")
+        self.attention_add = get(f"{name}_attention_add")
+        self.mlp_norm = get(f"{name}_mlp_norm")
+        self.mlp_up = get(f"{name}_mlp_up")
+        self.mlp_down = get(f"{name}_mlp_down")
+        self.mlp_add = get(f"{name}_mlp_add")
+        self.heads = self.attention.num_heads
+        self.head_dim = self.attention.key_dim
+
+    def cache_shape(self, batch: int, length: int) -> tuple[int, ...]:
+        return (batch, length, self.heads, self.head_dim)
+
+    def __call__(
+        self, x: tf.Tensor, key_cache: tf.Tensor | None, value_cache: tf.Tensor | None, pos: tf.Tensor | None
+    ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+        """As :meth:`_UnitBlock.__call__`, with MultiHeadAttention's own projections and attention maths."""
+        mha = self.attention
+        h = self.attention_norm(x)
+        q, k, v = mha._query_dense(h), mha._key_dense(h), mha._value_dense(h)
+        if key_cache is None:  # what MultiHeadAttention.call does with use_causal_mask=True and no other mask
+            keys, values = k, v
+            o, _ = mha._compute_attention(q, keys, values, None, False, use_causal_mask=True)
+        else:
+            keys = _write(key_cache, k, pos, self.seq_axis)
+            values = _write(value_cache, v, pos, self.seq_axis)
+            visible = tf.range(tf.shape(keys)[self.seq_axis]) <= pos
+            mask = tf.broadcast_to(visible[None, None, :], [tf.shape(q)[0], tf.shape(q)[1], tf.shape(keys)[1]])
+            o, _ = mha._compute_attention(q, keys, values, mask, False)
+        x = self.attention_add([x, mha._output_dense(o)])
+        h = self.mlp_down(self.mlp_up(self.mlp_norm(x)))
+        return self.mlp_add([x, h]), keys, values
+
+
+def _write(cache: tf.Tensor, new: tf.Tensor, pos: tf.Tensor, axis: int) -> tf.Tensor:
+    """``cache`` with its row ``pos`` along ``axis`` replaced by ``new`` (length 1 on that axis); exact (a select).
+
+    A select over the whole cache (O(S·d)) has the same cost order as the attention that reads it, and keeps
+    static shapes for XLA."""
+    length = cache.shape[axis]
+    shape = [1] * len(cache.shape)
+    shape[axis] = length
+    row = tf.reshape(tf.equal(tf.range(length), pos), shape)
+    return tf.where(row, tf.cast(new, cache.dtype), cache)
+
+
+class KVCacheDecoder:
+    """Functional prefill / step over a built transformer LM with per-block key/value caches.
+
+    ``prefill(ids)`` → (logits (B, T, V) float32, caches) for ids (B, T), T ≤ seq_len, at positions 0…T−1;
+    ``step(tokens, pos, caches)`` → (logits (B, V) float32, caches) for tokens (B,) at position ``pos`` < seq_len,
+    given caches holding positions 0…pos−1. The caches are a tuple (K_0, V_0, K_1, V_1, …) of fixed size seq_len.
+    """
+
+    def __init__(self, model: keras.Model, jit_compile: bool = True):
+        if not supports(model):
+            raise ValueError(f"{model.name}: incremental decoding needs a transformer language model from build_model")
+        self.model = model
+        self.embedding = model.get_layer("embedding")
+        self.position = model.get_layer("position")
+        self.final_norm = model.get_layer("final_norm")
+        self.readout = model.get_layer("readout")
+        self.seq_len = int(self.position.sequence_length)
+        unit_blocks = [layer for layer in model.layers if isinstance(layer, unit_layers.UnitTransformerBlock)]
+        if unit_blocks:
+            self.blocks: list[Any] = [_UnitBlock(b) for b in unit_blocks]
+        else:
+            names = sorted({layer.name[: -len("_attention")] for layer in model.layers
+                            if isinstance(layer, keras.layers.MultiHeadAttention)},
+                           key=lambda n: int(n.rsplit("_", 1)[-1]))
+            self.blocks = [_StockBlock(model, name) for name in names]
+        if not self.blocks:
+            raise ValueError(f"{model.name}: no transformer blocks found")
+        self.cache_dtype = tf.as_dtype(self.blocks[0].attention.compute_dtype)
+        self._prefill = tf.function(self._prefill_impl, reduce_retracing=True)
+        self._step = tf.function(self._step_impl, jit_compile=jit_compile)
+
+    # -- the two graphs
+    def _logits(self, x: tf.Tensor) -> tf.Tensor:
+        return tf.cast(self.readout(self.final_norm(x)), tf.float32)
+
+    def _prefill_impl(self, ids: tf.Tensor) -> tuple[tf.Tensor, Caches]:
+        x = self.position(self.embedding(ids))
+        caches: list[tf.Tensor] = []
+        length = tf.shape(ids)[1]
+        for block in self.blocks:
+            x, k, v = block(x, None, None, None)
+            pad = [[0, 0]] * 4
+            pad[block.seq_axis] = [0, self.seq_len - length]
+            caches += [tf.pad(tf.cast(k, self.cache_dtype), pad), tf.pad(tf.cast(v, self.cache_dtype), pad)]
+        return self._logits(x), tuple(caches)
+
+    def _step_impl(self, tokens: tf.Tensor, pos: tf.Tensor, caches: Caches) -> tuple[tf.Tensor, Caches]:
+        x = self.position(self.embedding(tokens[:, None]), start=pos)
+        new: list[tf.Tensor] = []
+        for i, block in enumerate(self.blocks):
+            x, k, v = block(x, caches[2 * i], caches[2 * i + 1], pos)
+            new += [k, v]
+        return self._logits(x)[:, 0], tuple(new)
+
+    # -- public API
+    def prefill(self, ids: np.ndarray | tf.Tensor) -> tuple[tf.Tensor, Caches]:
+        """Logits (B, T, V) of ids (B, T) at positions 0…T−1 (= ``model(ids)``) and the filled caches."""
+        ids = tf.convert_to_tensor(ids, tf.int32)
+        if not 1 <= int(ids.shape[1]) <= self.seq_len:
+            raise ValueError(f"prefill needs 1…{self.seq_len} tokens, got {int(ids.shape[1])}")
+        return self._prefill(ids)
+
+    def step(self, tokens: np.ndarray | tf.Tensor, pos: int, caches: Caches) -> tuple[tf.Tensor, Caches]:
+        """Logits (B, V) of ``tokens`` (B,) at position ``pos`` < seq_len, caches holding positions 0…pos−1."""
+        if not 0 <= pos < self.seq_len:
+            raise ValueError(f"position {pos} is outside the context of {self.seq_len}")
+        return self._step(tf.convert_to_tensor(tokens, tf.int32), tf.constant(pos, tf.int32), caches)
+
+
+class IncrementalDecoder:
+    """Stateful next-token logits for generation: ``start(ids)`` then ``append(tokens)`` per new token.
+
+    Every call returns the float32 logits (B, V) of the last position, equal to
+    ``model(all_ids[:, -seq_len:])[:, -1]`` — the uncached path. Prompts longer than seq_len keep their last
+    seq_len tokens; once the window is full each ``append`` recomputes it (see the module docstring).
+    """
+
+    def __init__(self, model: keras.Model, jit_compile: bool = True):
+        self.decoder = KVCacheDecoder(model, jit_compile=jit_compile)
+        self.seq_len = self.decoder.seq_len
+        self._ids = np.zeros((1, 0), np.int32)
+        self._caches: Caches = ()
+
+    @property
+    def length(self) -> int:
+        """Tokens seen so far (prompt and appended), including those slid out of the window."""
+        return int(self._ids.shape[1])
+
+    def start(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Reset to the prompt ``ids`` ((T,) or (B, T)); logits (B, V) of its last token."""
+        ids = np.asarray(ids, np.int32)
+        self._ids = ids[None] if ids.ndim == 1 else ids
+        if self._ids.shape[1] < 1:
+            raise ValueError("the prompt needs at least one token")
+        return self._refill()
+
+    def append(self, tokens: int | Sequence[int] | np.ndarray) -> np.ndarray:
+        """Add one token per row ((B,) or an int for B = 1); logits (B, V) of the new last position."""
+        tokens = np.asarray(tokens, np.int32).reshape(-1)
+        if tokens.shape[0] != self._ids.shape[0]:
+            raise ValueError(f"append needs {self._ids.shape[0]} tokens (one per row), got {tokens.shape[0]}")
+        if self.length == 0:
+            raise ValueError("call start(prompt) first")
+        self._ids = np.concatenate([self._ids, tokens[:, None]], axis=1)
+        pos = self.length - 1
+        if pos >= self.seq_len:  # the window slides: every position moves, nothing cached is valid
+            return self._refill()
+        logits, self._caches = self.decoder.step(tokens, pos, self._caches)
+        return logits.numpy()
+
+    def _refill(self) -> np.ndarray:
+        logits, self._caches = self.decoder.prefill(self._ids[:, -self.seq_len:])
+        return logits[:, -1].numpy()
+

@@ -1,0 +1,114 @@
+"""Export a trained run as a TensorFlow SavedModel for TF Serving (``python -m llm_unitscale.export RUN [OUT]``).
+
+The SavedModel has one signature, ``serving_default`` (also callable as the ``serve`` function):
+
+    input   token_ids  int32   (batch, time)   token ids from the run's vocabulary (vocab.pkl), 0 = padding
+    output  logits     float32 (batch, time, vocab)  next-token logits at every position  (task "lm")
+                       float32 (batch, classes)      class logits, order = config.json "labels"  (task "classify")
+
+Softmax of the logits gives the probabilities; tokenisation stays on the client (the run's tokenizer and
+vocabulary, whose config.json and vocab.pkl are copied into ``assets.extra/`` of the export). Positions beyond
+the run's ``seq_len`` are outside the position table: send at most ``seq_len`` tokens (time may vary per call).
+The unit-scaled custom gradients play no part at inference; the export holds only the forward graph and the
+weights, so loading it needs TensorFlow alone (``tf.saved_model.load``), not this package.
+
+The export is written to a temporary folder next to ``out`` and renamed into place, so ``out`` is either the
+complete SavedModel or absent. TF Serving expects numbered versions: ``python -m llm_unitscale.export
+runs/default serving/llm/1``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from llm_unitscale import __version__
+
+SIGNATURE = "serving_default"
+INPUT_NAME = "token_ids"
+OUTPUT_NAME = "logits"
+
+
+def export_run(run_dir: str | Path, out: str | Path | None = None, overwrite: bool = False) -> Path:
+    """Write the run's model as a SavedModel at ``out`` (default ``RUN/export``); returns the path."""
+    import keras
+    import tensorflow as tf
+
+    from llm_unitscale.runs import CONFIG, VOCAB, RunError, load_run
+
+    run = load_run(run_dir)
+    target = Path(out) if out is not None else run.path / "export"
+    if target.exists() and not overwrite:
+        raise RunError(f"{target}: already exists; pass --overwrite to replace it")
+    model = run.model
+
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+
+    def serve(token_ids: tf.Tensor) -> dict[str, tf.Tensor]:
+        return {OUTPUT_NAME: tf.cast(model(token_ids, training=False), tf.float32)}
+
+    archive.add_endpoint(
+        name="serve", fn=serve, input_signature=[tf.TensorSpec((None, None), tf.int32, name=INPUT_NAME)]
+    )
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        archive.write_out(str(tmp), verbose=False)
+        extra = tmp / "assets.extra"
+        extra.mkdir(exist_ok=True)
+        shutil.copy2(run.path / CONFIG, extra / CONFIG)
+        shutil.copy2(run.path / VOCAB, extra / VOCAB)
+        (extra / "signature.json").write_text(json.dumps({
+            "signature": SIGNATURE, "inputs": {INPUT_NAME: {"dtype": "int32", "shape": [None, None]}},
+            "outputs": {OUTPUT_NAME: {"dtype": "float32", "shape": [None, None, len(run.vocab)]
+                                      if run.task == "lm" else [None, len(run.config["labels"])]}},
+            "task": run.task, "labels": run.config.get("labels"), "max_time": run.config.get("seq_len"),
+        }, indent=2))
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="llm-unitscale-export",
+        description="Export a trained run as a TensorFlow SavedModel (signature serving_default: "
+        "int32 token_ids (batch, time) -> float32 logits) for TF Serving or tf.saved_model.load.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n  python -m llm_unitscale.export runs/default            # -> runs/default/export\n"
+        "  llm-unitscale-export runs/default serving/llm/1      # a TF Serving version folder\n"
+        "  saved_model_cli show --dir runs/default/export --all",
+    )
+    p.add_argument("run", help="run folder (from train.py)")
+    p.add_argument("out", nargs="?", default=None, help="SavedModel folder (default RUN/export)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing export")
+    p.add_argument("--json", action="store_true", help="print one JSON document on stdout")
+    p.add_argument("--version", action="version", version=f"llm_unitscale {__version__}")
+    return p
+
+
+def _export(args: argparse.Namespace) -> int:
+    path = export_run(args.run, args.out, overwrite=args.overwrite)
+    document = {"export": str(path), "signature": SIGNATURE, "input": INPUT_NAME, "output": OUTPUT_NAME}
+    print(json.dumps(document) if args.json else f"exported {args.run} to {path} (signature {SIGNATURE}: "
+          f"int32 {INPUT_NAME} (batch, time) -> float32 {OUTPUT_NAME})", flush=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from llm_unitscale.cli import _guard
+
+    return _guard(_export, parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,160 @@
+"""Optimizer for unit-scaled models: AdamW with u-μP per-parameter learning rates and a replica-count fix.
+
+``UnitAdamW`` is ``keras.optimizers.AdamW`` with two additions, both per variable and decided once when the
+optimizer is built from the model's variables (roles come from the Keras variable paths of ``models.py``):
+
+1. **u-μP learning-rate multipliers** (``lr_rule="umup"``; Blake et al. 2024, Table 2; depth from depth-μP,
+   Yang et al. 2023). A variable's step is ``η·m(v)`` with η the base (scheduled) learning rate and
+
+   ===============================  ==========================================  =================================
+   role (path)                      m(v)                                        why
+   ===============================  ==========================================  =================================
+   hidden weight (``*kernel``)      fan_in^-½ · D(v)                            α = fan_in^-½ in the op: an Adam
+                                                                                step of η·fan_in^-½ per element
+                                                                                moves the output by O(η) at any
+                                                                                width
+   embedding table (``embeddings``) width^-½  (width = the table's last axis)    u-μP's embedding rule
+   readout kernel (``readout/``)    fan_in^-½                                   see below
+   norm gain / bias / ≤1-D          1                                           u-μP: norms and biases take η
+   ===============================  ==========================================  =================================
+
+   fan_in = the product of all kernel axes but the last (Dense (fan_in, fan_out): fan_in; Conv1D (K, C_in,
+   C_out): K·C_in — the same fan-in the op's forward scale uses). **Readout:** u-μP gives the readout the
+   plain η because its forward scale is α = 1/fan_in; ``ops.readout`` uses α = fan_in^-½, and the update of a
+   logit, α·fan_in·η_r, is width-independent exactly when η_r = η·fan_in^-½ — so our readout takes the hidden
+   rule, which is u-μP's readout update re-expressed for our α.
+
+   **Depth factor** D(v) = L^-½ for weights inside a residual block (path ``block_i/…``), L = the number of
+   transformer blocks, and 1 elsewhere (conv and MLP layers are not residual branches). This is depth-μP's
+   Adam rule: with L residual branches each branch's update must shrink as L^-½ for the residual stream's
+   total update to stay O(η) as depth grows.
+
+   ``lr_rule="uniform"`` (m = 1 everywhere) is plain AdamW. Decoupled weight decay is ``η·λ·w`` with the base
+   η, not multiplied by m(v) (u-μP's "independent" weight decay).
+
+2. **Replica correction** (``replica_correction=True``). Under a ``tf.distribute`` strategy with R replicas,
+   Keras divides each replica's loss by R (``scale_loss_for_distribution``; for the unit-scaled loss, which
+   returns a scalar, via ``distribute.patch_keras_scalar_loss``) and sums the replicas' gradients. That is
+   exact for an ordinary mean loss, but the unit-scaled ops scale every weight gradient by N^-½ with N the
+   rows *on the replica* (``ops.dense``: ∂W = N^-½·xᵀg, embeddings √(V/N), norms N^-½), and
+   ``ops.softmax_cross_entropy`` has no 1/N. So the summed gradient is
+   Σ_r (1/R)·(N/R)^-½·Σ_{rows of r} = R^-½ · N^-½·Σ_{all rows}, i.e. R^-½ times the single-device gradient on
+   the same global batch, for every weight alike. ``apply`` multiplies each replica's gradients by √R
+   before Keras sums them, so a unit-scaled model's optimizer sees the gradient of the global batch
+   (N = global rows). Adam is nearly invariant to one constant per step, but its ε, gradient clipping and
+   anything that logs gradients are not. Off for the stock baseline (its gradients are exact).
+
+   Under more than one replica ``apply`` also densifies sparse (IndexedSlices) embedding gradients: they
+   hold a different number of rows on each replica, which MirroredStrategy's packed all-reduce rejects
+   ("Shape mismatch in the collective instance"; measured with the stock Embedding on 2 CPUs). So the
+   baseline also uses this class, with ``lr_rule="uniform", replica_correction=False``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import keras
+import tensorflow as tf
+
+LR_RULES = ("uniform", "umup")
+_BLOCK = re.compile(r"^block_(\d+)[/_]")
+
+
+def variable_role(path: str, shape: Sequence[int]) -> str:
+    """'embedding', 'readout', 'hidden' or 'vector' (norm gains, biases and any ≤1-D variable) from a path."""
+    leaf = path.rsplit("/", 1)[-1]
+    if leaf == "embeddings" or leaf.endswith("embeddings"):
+        return "embedding"
+    if len(shape) <= 1 or leaf in ("gamma", "beta", "bias") or leaf.endswith("_bias"):
+        return "vector"
+    if path.startswith("readout/"):
+        return "readout"
+    return "hidden"
+
+
+def umup_multipliers(variables: Iterable[Any]) -> dict[str, float]:
+    """u-μP learning-rate multiplier m(v) for each variable, keyed by its Keras path (module docstring)."""
+    variables = list(variables)
+    blocks = {int(m.group(1)) for v in variables if (m := _BLOCK.match(v.path))}
+    depth_factor = 1.0 / math.sqrt(len(blocks)) if blocks else 1.0
+    out: dict[str, float] = {}
+    for v in variables:
+        shape = tuple(int(d) for d in v.shape)
+        role = variable_role(v.path, shape)
+        if role == "vector":
+            m = 1.0
+        elif role == "embedding":
+            m = 1.0 / math.sqrt(shape[-1])
+        else:
+            fan_in = math.prod(shape[:-1])
+            m = 1.0 / math.sqrt(fan_in)
+            if role == "hidden" and _BLOCK.match(v.path):
+                m *= depth_factor
+        out[v.path] = m
+    return out
+
+
+def _scale_gradient(g: Any, s: float) -> Any:
+    if g is None:
+        return None
+    if isinstance(g, tf.IndexedSlices):
+        return tf.IndexedSlices(g.values * tf.cast(s, g.values.dtype), g.indices, g.dense_shape)
+    return g * tf.cast(s, g.dtype)
+
+
+@keras.saving.register_keras_serializable(package="llm_unitscale")
+class UnitAdamW(keras.optimizers.AdamW):
+    """AdamW with u-μP per-variable learning-rate multipliers and the √R replica correction (module docs).
+
+    lr_rule: "umup" (multipliers m(v)) or "uniform" (plain AdamW). replica_correction: multiply each
+    replica's gradients by √R (R = replicas in sync); for unit-scaled models only.
+    """
+
+    def __init__(self, *args: Any, lr_rule: str = "umup", replica_correction: bool = True, **kwargs: Any):
+        if lr_rule not in LR_RULES:
+            raise ValueError(f"lr_rule must be one of {LR_RULES}, got {lr_rule!r}")
+        super().__init__(*args, **kwargs)
+        self.lr_rule = lr_rule
+        self.replica_correction = bool(replica_correction)
+        self._multipliers: dict[Any, float] = {}
+        self.multipliers_by_path: dict[str, float] = {}
+
+    def build(self, var_list: list) -> None:
+        super().build(var_list)
+        by_path = umup_multipliers(var_list) if self.lr_rule == "umup" else {v.path: 1.0 for v in var_list}
+        self.multipliers_by_path = by_path
+        self._multipliers = {self._var_key(v): by_path[v.path] for v in var_list}
+
+    def multiplier(self, variable: Any) -> float:
+        """m(v) of a model variable (1.0 for one the optimizer was not built with)."""
+        return self._multipliers.get(self._var_key(variable), 1.0)
+
+    @staticmethod
+    def replica_gradient_scale(replicas: int) -> float:
+        """√R: the factor that turns the replicas' summed unit-scaled gradient into the global-batch one."""
+        return math.sqrt(replicas)
+
+    def apply(self, grads: Sequence[Any], trainable_variables: Sequence[Any] | None = None) -> None:
+        ctx = tf.distribute.get_replica_context()
+        replicas = ctx.num_replicas_in_sync if ctx is not None else 1
+        if replicas > 1:
+            # Sparse (IndexedSlices) embedding gradients hold a different number of rows on each replica, which
+            # the packed CollectiveReduce of MirroredStrategy rejects ("Shape mismatch in the collective"):
+            # all-reduce them dense.
+            grads = [tf.convert_to_tensor(g) if isinstance(g, tf.IndexedSlices) else g for g in grads]
+            if self.replica_correction:
+                grads = [_scale_gradient(g, self.replica_gradient_scale(replicas)) for g in grads]
+        return super().apply(grads, trainable_variables)
+
+    def update_step(self, gradient: Any, variable: Any, learning_rate: Any) -> None:
+        m = self.multiplier(variable)
+        if m != 1.0:
+            learning_rate = learning_rate * m
+        super().update_step(gradient, variable, learning_rate)
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "lr_rule": self.lr_rule, "replica_correction": self.replica_correction}

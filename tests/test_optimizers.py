@@ -1,0 +1,93 @@
+"""UnitAdamW: u-μP per-parameter learning-rate multipliers by variable role, applied per variable."""
+
+from __future__ import annotations
+
+import math
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from llm_unitscale import optimizers
+from llm_unitscale.models import build_model
+
+
+def test_umup_multipliers_by_role_transformer() -> None:
+    width, depth = 32, 4
+    model = build_model(vocab_size=50, width=width, depth=depth, heads=4, seq_len=16)
+    m = optimizers.umup_multipliers(model.trainable_variables)
+    assert m["embedding/embeddings"] == pytest.approx(width**-0.5)
+    assert m["position/embeddings"] == pytest.approx(width**-0.5)
+    assert m["block_0/attention/query_kernel"] == pytest.approx(width**-0.5 * depth**-0.5)
+    assert m["block_3/mlp/up_kernel"] == pytest.approx(width**-0.5 * depth**-0.5)
+    assert m["block_3/mlp/down_kernel"] == pytest.approx((4 * width) ** -0.5 * depth**-0.5)
+    assert m["readout/kernel"] == pytest.approx(width**-0.5)  # no depth factor: not in a residual branch
+    assert m["readout/bias"] == 1.0
+    assert m["final_norm/gamma"] == 1.0 and m["block_2/mlp_norm/gamma"] == 1.0
+    assert set(m) == {v.path for v in model.trainable_variables}
+
+
+def test_umup_multipliers_cnn_fan_in_counts_the_kernel_taps() -> None:
+    model = build_model(arch="cnn", vocab_size=50, width=16, depth=2, kernel_size=3)
+    m = optimizers.umup_multipliers(model.trainable_variables)
+    assert m["conv_0/kernel"] == pytest.approx((3 * 16) ** -0.5)  # (K·C_in)^-½, no depth factor
+    assert m["conv_0/bias"] == 1.0
+    assert m["hidden/kernel"] == pytest.approx(16**-0.5)
+
+
+def _one_step(optimizer: keras.optimizers.Optimizer, seed: int = 0) -> dict[str, np.ndarray]:
+    """Weight change of one optimizer step on fixed random gradients (same for every optimizer)."""
+    keras.utils.set_random_seed(3)
+    model = build_model(vocab_size=40, width=16, depth=2, heads=2, seq_len=8, constraint=None)
+    before = {v.path: v.numpy().copy() for v in model.trainable_variables}
+    rng = np.random.default_rng(seed)
+    grads = [tf.constant(rng.normal(size=v.shape).astype("float32")) for v in model.trainable_variables]
+    optimizer.apply(grads, model.trainable_variables)
+    return {v.path: v.numpy() - before[v.path] for v in model.trainable_variables}
+
+
+def test_update_size_is_lr_times_multiplier() -> None:
+    """Adam's first step is ≈ lr·sign(g) per entry, so Δ_umup / Δ_uniform must equal m(v) for each variable."""
+    uniform = _one_step(keras.optimizers.AdamW(1e-2, weight_decay=0.0, beta_2=0.99))
+    opt = optimizers.UnitAdamW(1e-2, weight_decay=0.0, beta_2=0.99, lr_rule="umup")
+    umup = _one_step(opt)
+    assert any(m != 1.0 for m in opt.multipliers_by_path.values())
+    for path, delta in uniform.items():
+        ratio = np.linalg.norm(umup[path]) / np.linalg.norm(delta)
+        assert ratio == pytest.approx(opt.multipliers_by_path[path], rel=1e-4), path
+
+
+def test_uniform_rule_is_plain_adamw() -> None:
+    plain = _one_step(keras.optimizers.AdamW(1e-2, weight_decay=0.0, beta_2=0.99))
+    ours = _one_step(optimizers.UnitAdamW(1e-2, weight_decay=0.0, beta_2=0.99, lr_rule="uniform"))
+    for path, delta in plain.items():
+        np.testing.assert_allclose(ours[path], delta, rtol=1e-6, atol=1e-9, err_msg=path)
+
+
+def test_no_replica_correction_outside_a_strategy() -> None:
+    assert optimizers.UnitAdamW.replica_gradient_scale(4) == pytest.approx(2.0)
+    plain = _one_step(optimizers.UnitAdamW(1e-2, lr_rule="uniform", replica_correction=False), seed=1)
+    corrected = _one_step(optimizers.UnitAdamW(1e-2, lr_rule="uniform", replica_correction=True), seed=1)
+    for path, delta in plain.items():
+        np.testing.assert_allclose(corrected[path], delta, rtol=1e-6, atol=1e-9, err_msg=path)
+
+
+def test_invalid_rule_and_config_round_trip() -> None:
+    with pytest.raises(ValueError, match="lr_rule"):
+        optimizers.UnitAdamW(1e-3, lr_rule="mup")
+    opt = optimizers.UnitAdamW(1e-3, lr_rule="umup", replica_correction=False)
+    again = keras.optimizers.deserialize(keras.optimizers.serialize(opt))
+    assert isinstance(again, optimizers.UnitAdamW)
+    assert again.lr_rule == "umup" and again.replica_correction is False
+
+
+def test_make_optimizer_follows_the_config() -> None:
+    from llm_unitscale.training import TrainConfig, make_optimizer
+
+    unit = make_optimizer(TrainConfig(lr_rule="umup", strategy="none"), 0.3, 100)
+    assert isinstance(unit, optimizers.UnitAdamW) and unit.lr_rule == "umup" and unit.replica_correction
+    stock = make_optimizer(TrainConfig(lr_rule="umup", unit_scaling=False, strategy="none"), 1e-3, 100)
+    assert stock.lr_rule == "uniform" and not stock.replica_correction
+    assert float(keras.ops.convert_to_numpy(unit.learning_rate)) == 0.0  # warm-up starts at 0
+    assert math.isclose(unit._learning_rate.warmup_target, 0.3)

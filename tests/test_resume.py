@@ -1,0 +1,183 @@
+"""Interrupted training (issue 6): kill -9 then --resume, Ctrl-C, NaN, atomic saves, determinism.
+
+The reference is an uninterrupted run; a run killed with SIGKILL (or stopped with SIGINT) mid-epoch and
+resumed must end with the same metrics, because checkpoints hold the model and optimizer state and training
+batch k is a pure function of k.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from gensim.test.utils import datapath
+from helpers import ROOT, TINY, ok_json, script, scripts_in_parallel
+
+from llm_unitscale import checkpoint, runs
+
+#: 2 epochs of 25 steps; a checkpoint every 5 steps.
+OPTIONS = ["--max-steps", "50", "--checkpoint-every", "5", "--json", *TINY]
+#: Same machine, same seed, same data: metrics agree to this relative tolerance (measured: identical).
+TOLERANCE = 1e-5
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("corpus") / "lee.txt"
+    path.write_text(Path(datapath("lee_background.cor")).read_text(encoding="utf-8")[:20000], encoding="utf-8")
+    return path
+
+
+def start_training(corpus: Path, out: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen([sys.executable, str(ROOT / "train.py"), str(corpus), "--out", str(out), *OPTIONS],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_step(out: Path, step: int, process: subprocess.Popen, timeout: float = 240.0) -> int:
+    """Poll the interrupted-run folder until a checkpoint at ``step`` or later exists; return its step."""
+    state_file = runs.partial_dir(out) / "checkpoints" / checkpoint.STATE
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, process.communicate()[1][-2000:]
+        try:
+            saved = json.loads(state_file.read_text())["step"]
+        except (OSError, ValueError):
+            saved = 0
+        if saved >= step:
+            return saved
+        time.sleep(0.02)
+    raise AssertionError("no checkpoint appeared")
+
+
+@pytest.fixture(scope="module")
+def interrupted(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Two uninterrupted runs, one killed with SIGKILL and one stopped with SIGINT, both then resumed."""
+    tmp = tmp_path_factory.mktemp("runs")
+    killed = start_training(corpus, tmp / "killed")
+    stopped = start_training(corpus, tmp / "stopped")
+    killed_at = wait_for_step(tmp / "killed", 10, killed)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    wait_for_step(tmp / "stopped", 10, stopped)
+    stopped.send_signal(signal.SIGINT)
+    _, stopped_stderr = stopped.communicate(timeout=120)
+    references = scripts_in_parallel({name: ("train", str(corpus), "--out", str(tmp / name), *OPTIONS)
+                                      for name in ("reference", "again")}, workers=2)
+    stopped_state = json.loads((runs.partial_dir(tmp / "stopped") / "checkpoints" / checkpoint.STATE).read_text())
+    resumed = scripts_in_parallel({name: ("train", str(corpus), "--out", str(tmp / name), "--resume", *OPTIONS)
+                                   for name in ("killed", "stopped")}, workers=2)
+    return {"reference": ok_json(references["reference"]), "again": ok_json(references["again"]),
+            "killed_at": killed_at, "killed_rc": killed.returncode, "killed": resumed["killed"],
+            "stopped_rc": stopped.returncode, "stopped_stderr": stopped_stderr, "stopped_state": stopped_state,
+            "stopped": resumed["stopped"], "tmp": tmp}
+
+
+def same_metrics(a: dict, b: dict) -> None:
+    for key in ("loss", "val_loss", "val_accuracy"):
+        assert b[key] == pytest.approx(a[key], rel=TOLERANCE), key
+
+
+def test_same_seed_same_metrics(interrupted: dict) -> None:
+    same_metrics(interrupted["reference"], interrupted["again"])
+
+
+def test_kill_9_then_resume_matches_an_uninterrupted_run(interrupted: dict) -> None:
+    assert interrupted["killed_rc"] == -signal.SIGKILL and 10 <= interrupted["killed_at"] < 50
+    resumed = interrupted["killed"]
+    assert "resuming at step" in resumed.stderr
+    same_metrics(interrupted["reference"], ok_json(resumed))
+    history = json.loads((interrupted["tmp"] / "killed" / "history.json").read_text())
+    assert len(history["val_loss"]) == 2  # both epochs, the one before the kill included
+
+
+def test_ctrl_c_saves_says_how_to_resume_and_exits_130(interrupted: dict) -> None:
+    assert interrupted["stopped_rc"] == 130, interrupted["stopped_stderr"][-2000:]
+    last = interrupted["stopped_stderr"].strip().splitlines()[-1]
+    step = interrupted["stopped_state"]["step"]
+    assert last.startswith(f"interrupted at step {step} of 50; checkpoint saved in "), last
+    assert "resume with: train.py " in last and last.endswith("--resume"), last
+    assert "Traceback" not in interrupted["stopped_stderr"]
+    same_metrics(interrupted["reference"], ok_json(interrupted["stopped"]))
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(corpus: Path, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """The loss turns NaN at step 8: training stops there, says so, and step 5's checkpoint stays."""
+    import keras
+
+    from llm_unitscale import training
+
+    original = training.compile_model
+
+    def poisoned_compile(cfg: training.TrainConfig, model: keras.Model, optimizer: keras.optimizers.Optimizer) -> None:
+        original(cfg, model, optimizer)
+        loss = model.loss
+
+        def nan_from_step_8(y_true: object, y_pred: object) -> object:
+            value = loss(y_true, y_pred)
+            return value * keras.ops.where(optimizer.iterations >= 7, float("nan"), 1.0)
+
+        model.compile(optimizer=optimizer, loss=nan_from_step_8, metrics=["accuracy"], jit_compile=False)
+
+    monkeypatch.setattr(training, "compile_model", poisoned_compile)
+    cfg = training.TrainConfig(data=str(corpus), out=str(tmp_path / "nan"), max_steps=50, checkpoint_every=5,
+                               width=32, depth=1, heads=2, seq_len=16, batch_size=8, jit_compile=False)
+    with open(os.devnull, "w") as quiet, pytest.raises(FloatingPointError) as error:
+        training.train(cfg, log=quiet)
+    assert "NaN/inf at step 8" in str(error.value) and "last good checkpoint is step 5" in str(error.value)
+    state = checkpoint.load_state(runs.partial_dir(tmp_path / "nan") / "checkpoints")
+    assert state is not None and state.step == 5 and not (tmp_path / "nan").exists()
+
+
+def test_a_failed_save_leaves_the_previous_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    target = tmp_path / "metrics.json"
+    runs.atomic_write_json(target, {"old": 1})
+
+    def crash(fd: int) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "fsync", crash)
+    with pytest.raises(OSError):
+        runs.atomic_write_json(target, {"new": 2})
+    assert json.loads(target.read_text()) == {"old": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]  # no half-written temporary left
+
+
+def test_a_checkpoint_killed_while_saving_weights_keeps_the_previous_one(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    import keras
+
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    saver = checkpoint.ResumableCheckpoint(tmp_path, steps_per_epoch=10, every_steps=1,
+                                           state=checkpoint.TrainingState())
+    saver.set_model(model)
+    saver.on_train_batch_end(0, {"loss": 1.0})
+    assert checkpoint.load_state(tmp_path).weights == "step-1.weights.h5"
+
+    def dies_halfway(path: object, overwrite: bool = True) -> None:
+        Path(str(path)).write_bytes(b"half a file")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(model, "save_weights", dies_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        saver.on_train_batch_end(1, {"loss": 1.0})
+    state = checkpoint.load_state(tmp_path)
+    assert state.step == 1 and state.weights == "step-1.weights.h5"
+    checkpoint.restore(model, tmp_path, state)  # the old pair still loads
+
+
+def test_resume_refuses_a_different_model(interrupted: dict, corpus: Path) -> None:
+    out = interrupted["tmp"] / "other"
+    process = start_training(corpus, out)
+    wait_for_step(out, 5, process)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    result = script("train", str(corpus), "--out", str(out), "--resume", *OPTIONS[:-1], "--width", "64")
+    assert result.returncode == 2 and "width = 32, not 64" in result.stderr, result.stderr[-1000:]
