@@ -18,9 +18,12 @@ Step times on a shared CPU are noisy; the losses are what the benchmark is about
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
+import functools
 import io
 import json
 import math
+import multiprocessing
 import sys
 import tempfile
 import time
@@ -131,6 +134,11 @@ def run_one(label: str, unit_scaling: bool, prec: str, loss_scaling: bool, steps
     return row
 
 
+def _run_planned(planned: tuple, **kwargs: Any) -> dict:
+    """``run_one`` for one entry of :data:`RUNS` (a picklable top-level function for the process pool)."""
+    return run_one(*planned, **kwargs)
+
+
 def add_gaps(rows: list[dict]) -> None:
     """gap = val_loss / val_loss of the same model's float32 run − 1."""
     ref = {r["unit_scaling"]: r["val_loss"] for r in rows if r["precision"] == "float32"}
@@ -195,6 +203,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=None, help="training steps (default 600; 120 with --quick)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--only", default=None, help="comma-separated run names to keep, e.g. unit_fp8,base_fp8")
+    parser.add_argument("--jobs", type=int, default=None,
+                        help="runs in parallel processes (default 2 with --quick, else 1); step times then share "
+                        "the cores, so compare them within one table only")
     parser.add_argument("--out", default="runs/precision_benchmark", help="folder for precision.json and the plot")
     args = parser.parse_args(argv)
     steps = args.steps or (120 if args.quick else 600)
@@ -206,13 +217,20 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
+    jobs = args.jobs or (2 if args.quick else 1)
     with tempfile.TemporaryDirectory() as tmp:
-        rows = [run_one(*p, steps=steps, shape=shape, folder=Path(tmp), seed=args.seed) for p in plan]
+        work = functools.partial(_run_planned, steps=steps, shape=shape, folder=Path(tmp), seed=args.seed)
+        if jobs == 1:
+            rows = [work(p) for p in plan]
+        else:  # separate processes: each run has its own Keras global policy and TensorFlow graph state
+            spawn = multiprocessing.get_context("spawn")
+            with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=spawn) as pool:
+                rows = list(pool.map(work, plan))
     add_gaps(rows)
     title = (f"lee_background.cor, transformer width {shape['width']} depth {shape['depth']} seq {shape['seq_len']}"
              f" batch {shape['batch_size']}, {steps} steps, seed {args.seed}, embeddings {shape['embeddings']}"
              f"{', no XLA' if not shape.get('jit_compile', True) else ''}")
-    print(title)
+    print(title + (f"; {jobs} runs at a time" if jobs > 1 else ""))
     print("no loss scaling unless stated; grad<fmt: share of all gradient values (∂ layer outputs, weight gradients)"
           " that flush to zero in that format, at the last step (float32 shadow pass)")
     print(table(rows))

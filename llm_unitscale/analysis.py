@@ -96,7 +96,8 @@ class LayerProbe:
         """
         token_ids = np.asarray(token_ids, dtype=np.int32)
         targets = self.default_targets(token_ids) if targets is None else np.asarray(targets)
-        loss = loss or loss_for(is_unit_scaled(self.model))
+        if loss is None:  # one default loss object per probe: a new one per call would retrace the pass
+            loss = self._default_loss = getattr(self, "_default_loss", None) or loss_for(is_unit_scaled(self.model))
         key = id(loss)
         if key not in self._passes:
             self._passes[key] = (loss, tf.function(functools.partial(self._pass, loss)))

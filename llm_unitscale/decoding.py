@@ -34,6 +34,7 @@ cache, instead of O(depth·T·width² + depth·T²·width) for a full forward pa
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -215,12 +216,15 @@ class KVCacheDecoder:
         return self._logits(x), tuple(caches)
 
     def _step_impl(self, tokens: tf.Tensor, pos: tf.Tensor, caches: Caches) -> tuple[tf.Tensor, Caches]:
-        x = self.position(self.embedding(tokens[:, None]), start=pos)
-        new: list[tf.Tensor] = []
-        for i, block in enumerate(self.blocks):
-            x, k, v = block(x, caches[2 * i], caches[2 * i + 1], pos)
-            new += [k, v]
-        return self._logits(x)[:, 0], tuple(new)
+        # one row: forward-only ops scale the row, not the weights (a weight-sized multiply per matmul would
+        # cost more than the matmul; measured 25 → 10 ms per token at the medium shape)
+        with ops.forward_only():
+            x = self.position(self.embedding(tokens[:, None]), start=pos)
+            new: list[tf.Tensor] = []
+            for i, block in enumerate(self.blocks):
+                x, k, v = block(x, caches[2 * i], caches[2 * i + 1], pos)
+                new += [k, v]
+            return self._logits(x)[:, 0], tuple(new)
 
     # -- public API
     def prefill(self, ids: np.ndarray | tf.Tensor) -> tuple[tf.Tensor, Caches]:
@@ -282,3 +286,13 @@ class IncrementalDecoder:
         logits, self._caches = self.decoder.prefill(self._ids[:, -self.seq_len:])
         return logits[:, -1].numpy()
 
+
+_DECODERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def decoder_for(model: keras.Model) -> IncrementalDecoder:
+    """The model's :class:`IncrementalDecoder`, made once and reused, so its step graph is traced and compiled
+    once per model rather than once per generated text."""
+    if model not in _DECODERS:
+        _DECODERS[model] = IncrementalDecoder(model)
+    return _DECODERS[model]

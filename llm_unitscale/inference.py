@@ -96,7 +96,7 @@ def generate(
     new: list[int] = []
     if cached is None:
         cached = decoding.supports(run.model)
-    decoder = decoding.IncrementalDecoder(run.model) if cached and steps > 0 else None
+    decoder = decoding.decoder_for(run.model) if cached and steps > 0 else None
     for step in range(steps):
         if decoder is None:
             logits = _last_logits(run, ids + new)

@@ -61,6 +61,24 @@ def exact_gradients() -> Iterator[None]:
         _EXACT_GRADIENTS = previous
 
 
+_FORWARD_ONLY = False
+
+
+@contextlib.contextmanager
+def forward_only() -> Iterator[None]:
+    """Within this context (at trace time) matmul ops apply α to their output rows instead of to the weight.
+
+    Same forward maths, α·(x·W) instead of x·(α·W), and no custom gradients (none are taken): for decoding one
+    token the weight-sized multiply would cost more than the matmul itself (``decoding.py``'s cached step).
+    """
+    global _FORWARD_ONLY
+    previous, _FORWARD_ONLY = _FORWARD_ONLY, True
+    try:
+        yield
+    finally:
+        _FORWARD_ONLY = previous
+
+
 def _is_python_number(s: Scale) -> bool:
     return isinstance(s, (int, float))
 
@@ -131,6 +149,14 @@ def _matmul_rows(x: tf.Tensor, w: tf.Tensor) -> tf.Tensor:
     return tf.reshape(y, tf.concat([tf.shape(x)[:-1], [fan_out]], axis=0))
 
 
+def _forward_matmul(x: tf.Tensor, kernel: tf.Tensor, bias: tf.Tensor | None, alpha: float, bias_scale: float
+                    ) -> tf.Tensor:
+    """Forward-only dense: ``α·(x·W) + bias_scale·b`` (see :func:`forward_only`), with simulated FP8 if on."""
+    x, kernel = fp8_matmul_inputs(x, kernel)
+    y = _mul(_matmul_rows(x, kernel), alpha)
+    return y if bias is None else y + _mul(bias, bias_scale)
+
+
 def rsqrt(n: int | float | tf.Tensor) -> Scale:
     """n^-½, as a Python float when n is static."""
     if _is_python_number(n):
@@ -158,6 +184,8 @@ def dense(
     """
     fan_in, fan_out = int(kernel.shape[0]), int(kernel.shape[1])
     alpha = fan_in**-0.5 if fwd_scale is None else fwd_scale
+    if _FORWARD_ONLY:
+        return _forward_matmul(x, kernel, bias, alpha, alpha)
     beta_x = fan_out**-0.5 if grad_input_scale is None else grad_input_scale
     beta_w = _times(rsqrt(rows(x)), grad_weight_scale)
     x = scale_bwd(x, _ratio(beta_x, alpha))
@@ -182,6 +210,8 @@ def readout(x: tf.Tensor, kernel: tf.Tensor, bias: tf.Tensor | None = None, kern
     """
     fan_in, fan_out = int(kernel.shape[0]), int(kernel.shape[1])
     alpha = fan_in**-0.5
+    if _FORWARD_ONLY:
+        return _forward_matmul(x, kernel, None if bias is None else tf.cast(bias, x.dtype), alpha, 1.0)
     beta_w = rsqrt(rows(x))
     x = scale_bwd(x, _ratio(fan_out**-0.5 / kernel_scale, alpha))
     x, kernel = fp8_matmul_inputs(x, kernel)

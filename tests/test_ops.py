@@ -709,3 +709,17 @@ def test_global_max_pool_padding_counts_valid_positions() -> None:
     mask = np.arange(16)[None, :] < 10
     masked = ops.pool(tf.constant(x), "max", padding_mask=tf.constant(mask)).numpy()
     np.testing.assert_allclose(masked, ops.pool(tf.constant(x[:, :10]), "max").numpy(), rtol=1e-5)
+
+
+def test_forward_only_dense_and_readout_equal_the_trained_forward() -> None:
+    """ops.forward_only (the cached decoder's step) scales the output rows instead of the weight: same values."""
+    rng = np.random.default_rng(0)
+    x = tf.constant(rng.normal(size=(2, 3, 16)), tf.float32)
+    kernel = tf.constant(rng.normal(size=(16, 8)), tf.float32)
+    bias = tf.constant(rng.normal(size=(8,)), tf.float32)
+    with ops.forward_only():
+        fast = [ops.dense(x, kernel, bias), ops.readout(x, kernel, bias)]
+    slow = [ops.dense(x, kernel, bias), ops.readout(x, kernel, bias)]
+    for a, b in zip(fast, slow, strict=True):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6)
+    assert not ops._FORWARD_ONLY  # the context restores the default
