@@ -10,8 +10,8 @@ For widths 64, 128, 256 (fixed depth, heads, sequence, batch and steps) trains t
 Prints a table (validation loss per width × lr), the best lr per width for each model, and writes
 ``benchmarks/results/lr_transfer.json`` and ``lr_transfer.png`` (loss vs lr, one line per width; left panel
 unit-scaled + u-μP, right panel baseline). The claim it tests: the unit-scaled optimum stays at the same η across
-widths while the baseline's moves. Not a test. ``--quick`` (100 steps, depth 2, sequence 32, 4 rates each) takes
-about 10 minutes on 2 idle CPU cores; the full run (400 steps, depth 4, 6 rates) takes a few hours there.
+widths while the baseline's moves. Not a test. ``--quick`` (100 steps, depth 2, sequence 32, 4 rates each, no XLA)
+takes about 10 minutes on 2 idle CPU cores; the full run (400 steps, depth 4, 6 rates) takes a few hours there.
 
     python benchmarks/lr_transfer.py --quick
     python benchmarks/lr_transfer.py --steps 400 --widths 64 128 256 512
@@ -45,7 +45,7 @@ def run_one(width: int, unit: bool, lr: float, args: argparse.Namespace, tmp: st
         data=datapath("lee_background.cor"), out=str(Path(tmp) / f"{width}_{unit}_{lr}"), max_steps=args.steps,
         lr=lr, unit_scaling=unit, lr_rule="umup" if unit else "uniform", width=width, depth=args.depth,
         heads=args.heads, seq_len=args.seq_len, batch_size=args.batch_size, embeddings="none",
-        warmup_steps=max(args.steps // 10, 1), seed=args.seed, strategy="none",
+        warmup_steps=max(args.steps // 10, 1), seed=args.seed, strategy="none", jit_compile=not args.quick,
     )
     started = time.perf_counter()
     summary = train(cfg, log=io.StringIO())
@@ -103,7 +103,9 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="100 steps, depth 2, sequence 32, 4 rates per model")
+    parser.add_argument("--quick", action="store_true",
+                        help="100 steps, depth 2, sequence 32, 4 rates per model, no XLA (compiling costs more "
+                        "than 100 steps)")
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--widths", type=int, nargs="+", default=[64, 128, 256])
     parser.add_argument("--depth", type=int, default=None, help="blocks (default 4, --quick 2)")
@@ -123,7 +125,7 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     title = (f"lee_background.cor, transformer depth {args.depth}, seq {args.seq_len}, batch {args.batch_size}, "
-             f"{args.steps} steps, no Word2Vec")
+             f"{args.steps} steps, no Word2Vec{', no XLA' if args.quick else ''}")
     rows: list[dict] = []
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:

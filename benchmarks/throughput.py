@@ -429,6 +429,15 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def bf16_reason(result: dict) -> str:
+    """Why bfloat16 training can be slower here: the CPU's matrix units and this run's measured matmul peaks."""
+    peaks = result["peaks"]
+    bf16, f32 = peaks["bfloat16"]["gflops"], peaks["float32"]["gflops"]
+    amx = "amx_bf16" in result["env"]["cpu_flags"]
+    units = "AMX-BF16" if amx else "no AMX, only AVX512-BF16 dot products"
+    return f"this CPU: {units}; measured matmul peak bfloat16 {bf16:.0f} vs float32 {f32:.0f} GFLOP/s"
+
+
 def targets(result: dict) -> list[str]:
     """One line per target of the issue, judged from this run's numbers."""
     out = []
@@ -456,7 +465,7 @@ def targets(result: dict) -> list[str]:
                 out.append(f"[{'met' if speedup > 1 else 'MISSED'}] bfloat16 faster than float32 at {shape}: "
                            f"{speedup:.2f}× (fastest of each: bfloat16 {'xla' if bf16['xla'] else 'no xla'} "
                            f"{bf16['unit']['ms_per_step']:.0f} ms, float32 {'xla' if f32['xla'] else 'no xla'} "
-                           f"{f32['unit']['ms_per_step']:.0f} ms; bf16 matmuls under XLA do not use AMX: see peaks)")
+                           f"{f32['unit']['ms_per_step']:.0f} ms; {bf16_reason(result)})")
     for inf in result["inference"]:
         ratio = inf.get("cached_over_uncached_compiled")
         if ratio is not None:

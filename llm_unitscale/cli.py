@@ -105,7 +105,7 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", default="word", choices=("word", "char", "jieba"))
     p.add_argument("--lowercase", action="store_true")
     p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
+    p.add_argument("--max-steps", type=int, default=None, help="train for this many optimizer steps (split into equal epochs; at most #epochs-1 more when they do not divide it)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=64, help="context length (lm) or max tokens per text")
     p.add_argument("--width", type=int, default=128)

@@ -234,6 +234,17 @@ def datasets(cfg: TrainConfig, corpus: Corpus) -> tuple[Callable[[int, int], Any
     return train, val, max(1, math.ceil(len(corpus.train[1]) / batch))
 
 
+def epoch_plan(steps_per_epoch: int, epochs: int, max_steps: int | None) -> tuple[int, int]:
+    """(epochs, steps per epoch) to run. Without ``max_steps``: as given. With it: the fewest equal epochs
+    (Keras runs epochs of one length) of at most ``steps_per_epoch`` steps that cover ``max_steps``, i.e.
+    E = ⌈max_steps / steps_per_epoch⌉ epochs of ⌈max_steps / E⌉ steps: exactly max_steps when E divides it,
+    fewer than E steps more otherwise (never a whole extra epoch)."""
+    if max_steps is None:
+        return epochs, steps_per_epoch
+    epochs = math.ceil(max_steps / steps_per_epoch)
+    return epochs, math.ceil(max_steps / epochs)
+
+
 def init_embeddings(cfg: TrainConfig, corpus: Corpus, model: Any, work: Path, log: TextIO) -> dict:
     """Initialise the token embedding table from Word2Vec (trained here) or the user's vectors."""
     from llm_unitscale.preprocessing import embeddings as emb
@@ -428,10 +439,7 @@ def train(cfg: TrainConfig, log: TextIO = sys.stderr) -> dict:
     print(f"task: {corpus.task} ({'auto-detected' if cfg.task == 'auto' else 'given'}), "
           f"vocabulary {len(corpus.vocab)}" + (f", labels {corpus.labels}" if corpus.labels else ""), file=log)
     train_batches, val_ds, steps_per_epoch = datasets(cfg, corpus)
-    epochs = cfg.epochs
-    if cfg.max_steps is not None:
-        steps_per_epoch = min(steps_per_epoch, cfg.max_steps)
-        epochs = math.ceil(cfg.max_steps / steps_per_epoch)
+    epochs, steps_per_epoch = epoch_plan(steps_per_epoch, cfg.epochs, cfg.max_steps)
     total_steps = epochs * steps_per_epoch
 
     precision_mod.apply(cfg.precision)  # Keras global dtype policy + the fp8 switch
@@ -487,6 +495,7 @@ def train(cfg: TrainConfig, log: TextIO = sys.stderr) -> dict:
             model.fit(
                 train_batches(done, stop), validation_data=val_ds, initial_epoch=initial_epoch, epochs=end_epoch,
                 steps_per_epoch=steps, callbacks=callbacks, verbose=1 if log.isatty() else 2,
+                shuffle=False,  # batches are already drawn per step (data.lm_train_batches); Keras would warn
             )
             done = stop
             if saver.stopped:

@@ -19,7 +19,7 @@ import pytest
 from gensim.test.utils import datapath
 from helpers import ROOT, TINY, ok_json, script, scripts_in_parallel
 
-from llm_unitscale import checkpoint, runs
+from llm_unitscale import checkpoint, runs, training
 
 #: 2 epochs of 25 steps; a checkpoint every 5 steps.
 OPTIONS = ["--max-steps", "50", "--checkpoint-every", "5", "--json", *TINY]
@@ -181,3 +181,16 @@ def test_resume_refuses_a_different_model(interrupted: dict, corpus: Path) -> No
     process.wait()
     result = script("train", str(corpus), "--out", str(out), "--resume", *OPTIONS[:-1], "--width", "64")
     assert result.returncode == 2 and "width = 32, not 64" in result.stderr, result.stderr[-1000:]
+
+
+@pytest.mark.parametrize(("per_epoch", "max_steps", "want"), [
+    (117, 120, (2, 60)),  # was 2 epochs × 117 = 234 steps for --max-steps 120
+    (117, 100, (1, 100)),
+    (25, 50, (2, 25)),
+    (10, 33, (4, 9)),  # 36 steps: 3 more than asked, never a whole extra epoch
+])
+def test_max_steps_is_split_into_equal_epochs(per_epoch: int, max_steps: int, want: tuple[int, int]) -> None:
+    epochs, steps = training.epoch_plan(per_epoch, 30, max_steps)
+    assert (epochs, steps) == want
+    assert max_steps <= epochs * steps < max_steps + epochs and steps <= per_epoch
+    assert training.epoch_plan(per_epoch, 30, None) == (30, per_epoch)
