@@ -19,7 +19,8 @@ rounding in the training step only clips; the tracker counts what it clips and f
 
 Outputs: ``scales.json`` (all records, written after each record), TensorBoard scalars under
 ``<log_dir>/scales`` (RMS of each quantity per layer; under/overflow shares in float16 and in the FP8 format of
-that direction: E4M3 forward, E5M2 backward), and ``scales.png`` at the end of training: per-layer RMS on a log
+that direction: E4M3 forward, E5M2 backward; histograms of log2|x| of every layer's activations and gradients),
+and ``scales.png`` at the end of training: per-layer RMS on a log
 axis against the shaded float16 and FP8 ranges (the picture that shows why unit scaling works).
 """
 
@@ -118,6 +119,7 @@ class ScaleTracker(keras.callbacks.Callback):
         self.loss = loss
         self.records: list[dict] = []
         self._probe: LayerProbe | None = None
+        self._histograms: dict[str, Any] = {}  # the last probe's activations and gradients, for TensorBoard
         self._writer: Any = None
 
     # -------------------------------------------------------------------------------------------- measuring
@@ -127,6 +129,8 @@ class ScaleTracker(keras.callbacks.Callback):
             self._probe = LayerProbe(self.model)
         with float32_shadow(self.model, self._probe.probe):
             tensors = self._probe(self.token_ids, self.targets, self.loss)
+        self._histograms = {f"{t.name}/{q}": v for t in tensors
+                            for q, v in (("activation", t.output), ("gradient", t.grad_output)) if v is not None}
         layers = []
         for t in tensors:
             layers.append({
@@ -179,6 +183,9 @@ class ScaleTracker(keras.callbacks.Callback):
                     for fmt in TB_FORMATS[q]:
                         tf.summary.scalar(f"{layer['name']}/{q}_underflow_{fmt}", s[fmt]["underflow"])
                         tf.summary.scalar(f"{layer['name']}/{q}_overflow_{fmt}", s[fmt]["overflow"])
+            for name, values in self._histograms.items():  # log2|x|: where the values sit against each format
+                magnitude = tf.abs(tf.cast(values, tf.float32))
+                tf.summary.histogram(f"{name}_log2_abs", tf.math.log(magnitude[magnitude > 0]) / math.log(2.0))
         self._writer.flush()
 
     # ------------------------------------------------------------------------------------------- callbacks

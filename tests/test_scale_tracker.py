@@ -100,7 +100,15 @@ def test_tracker_callback_writes_json_tensorboard_and_png(tmp_path: Path) -> Non
     assert "readout" in names and "embedding" in names
     readout = last["layers"][names.index("readout")]
     assert readout["weight"]["rms"] > 0 and set(readout["gradient"]) >= {"rms", "float16", "e5m2"}
-    assert list((tmp_path / "logs" / "scales").glob("events.out.tfevents.*"))
+    events = list((tmp_path / "logs" / "scales").glob("events.out.tfevents.*"))
+    assert events
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(events[0].parent), size_guidance={"tensors": 0})
+    accumulator.Reload()
+    tags = accumulator.Tags()["tensors"]
+    assert any(t.endswith("/activation_log2_abs") for t in tags), tags[:10]
+    assert any(t.endswith("/gradient_log2_abs") for t in tags), tags[:10]
     assert (tmp_path / "scales.png").stat().st_size > 10_000
     assert model.get_layer("readout").dtype_policy.name == "mixed_bfloat16"
 
