@@ -149,6 +149,37 @@ def _matmul_rows(x: tf.Tensor, w: tf.Tensor) -> tf.Tensor:
     return tf.reshape(y, tf.concat([tf.shape(x)[:-1], [fan_out]], axis=0))
 
 
+def _weight_matmul(x: tf.Tensor, kernel: tf.Tensor, alpha: Scale, beta_w: Scale) -> tf.Tensor:
+    """``x·(α·W)`` over the flattened rows; backward ∂x = g·(αW)ᵀ, ∂W = xᵀ·(β_w·g).
+
+    The same gradients as ``matmul(x, scaled(W, α, β_w))``, but β_w (= N^-½) is applied to g *before* the
+    weight-gradient matmul sums over the N rows, so its low-precision output stays near unit scale: after the
+    sum, xᵀg has RMS ≈ √N × the unit-scaled result, which overflowed float16 (65504) at N = 8192 tokens per
+    batch and made unit-scaled float16 training diverge (README, "More tokens per batch").
+    """
+    if _EXACT_GRADIENTS:
+        return _matmul_rows(x, scaled(kernel, alpha, beta_w))
+    lead = x.shape[:-1]
+    x2 = x if len(x.shape) == 2 else tf.reshape(x, [-1, int(kernel.shape[0])])
+
+    @tf.custom_gradient
+    def _mm(rows_in: tf.Tensor, k: tf.Tensor) -> tuple[tf.Tensor, Callable]:
+        w = _mul(k, alpha)
+
+        def grad(g: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+            return tf.matmul(g, w, transpose_b=True), tf.matmul(rows_in, _mul(g, beta_w), transpose_a=True)
+
+        return tf.matmul(rows_in, w), grad
+
+    y = _mm(x2, kernel)
+    if len(x.shape) == 2:
+        return y
+    fan_out = int(kernel.shape[1])
+    if lead.is_fully_defined():
+        return tf.reshape(y, [*lead.as_list(), fan_out])
+    return tf.reshape(y, tf.concat([tf.shape(x)[:-1], [fan_out]], axis=0))
+
+
 def _forward_matmul(x: tf.Tensor, kernel: tf.Tensor, bias: tf.Tensor | None, alpha: float, bias_scale: float
                     ) -> tf.Tensor:
     """Forward-only dense: ``α·(x·W) + bias_scale·b`` (see :func:`forward_only`), with simulated FP8 if on."""
@@ -190,7 +221,7 @@ def dense(
     beta_w = _times(rsqrt(rows(x)), grad_weight_scale)
     x = scale_bwd(x, _ratio(beta_x, alpha))
     x, kernel = fp8_matmul_inputs(x, kernel)  # simulated FP8 (precision.py): no-op unless on
-    y = fp8_matmul_output(_matmul_rows(x, scaled(kernel, alpha, beta_w)))
+    y = fp8_matmul_output(_weight_matmul(x, kernel, alpha, beta_w))
     if bias is not None:
         y = y + scaled(bias, alpha, beta_w)
     return y
@@ -215,7 +246,7 @@ def readout(x: tf.Tensor, kernel: tf.Tensor, bias: tf.Tensor | None = None, kern
     beta_w = rsqrt(rows(x))
     x = scale_bwd(x, _ratio(fan_out**-0.5 / kernel_scale, alpha))
     x, kernel = fp8_matmul_inputs(x, kernel)
-    y = fp8_matmul_output(_matmul_rows(x, scaled(kernel, alpha, beta_w)))
+    y = fp8_matmul_output(_weight_matmul(x, kernel, alpha, beta_w))
     if bias is not None:
         y = y + scale_bwd(tf.cast(bias, y.dtype), beta_w)
     return y

@@ -723,3 +723,21 @@ def test_forward_only_dense_and_readout_equal_the_trained_forward() -> None:
     for a, b in zip(fast, slow, strict=True):
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6)
     assert not ops._FORWARD_ONLY  # the context restores the default
+
+
+def test_float16_weight_gradient_of_many_rows_does_not_overflow() -> None:
+    """∂W = xᵀ(β_w·g) with β_w = N^-½ applied before the row sum: with 8192 correlated rows the unscaled xᵀg
+    (≈ 5·10⁵) is beyond float16's 65504, but the unit-scaled gradient (≈ 5.8·10³) is not."""
+    n = 8192
+    x = tf.fill([n, 16], tf.constant(8.0, tf.float16))
+    kernel = tf.ones([16, 4], tf.float16)
+    g = tf.fill([n, 4], tf.constant(8.0, tf.float16))
+    for op in (ops.dense, ops.readout):
+        with tf.GradientTape() as tape:
+            tape.watch(kernel)
+            y = op(x, kernel)
+        grad = tape.gradient(y, kernel, output_gradients=g)
+        assert np.isfinite(grad.numpy()).all(), op.__name__
+        want = 64.0 * n / math.sqrt(n)  # Σ_rows 8·8, times N^-½
+        if op is ops.dense:
+            np.testing.assert_allclose(grad.numpy().astype(np.float64), want, rtol=2e-3)
