@@ -45,6 +45,9 @@ class TrainingState:
     batch: int = 0
     history: dict[str, list[float]] = field(default_factory=dict)  # logs of the completed epochs
     weights: str | None = None  # file name of the weights in the checkpoint folder
+    #: running means of the training metrics over the ``batch`` steps done in the epoch in progress, so that a
+    #: run resumed mid-epoch logs the whole epoch's mean, not only the resumed part's
+    epoch_means: dict[str, float] = field(default_factory=dict)
 
 
 def load_state(folder: Path) -> TrainingState | None:
@@ -110,6 +113,7 @@ class ResumableCheckpoint(keras.callbacks.Callback):
         self.state = TrainingState(**asdict(state))
         self.interrupted = False
         self._saved_on_interrupt = False
+        self._before = (self.state.batch, dict(self.state.epoch_means))  # the epoch's steps before this fit
         self.nan_step: int | None = None
         self.saved_step: int | None = state.step if state.weights else None
 
@@ -127,6 +131,7 @@ class ResumableCheckpoint(keras.callbacks.Callback):
             return
         self.state.step += 1
         self.state.batch += 1
+        self.state.epoch_means = self._whole_epoch(logs or {})
         if interrupted or self.state.step % self.every_steps == 0:
             self.save()
         if interrupted:
@@ -136,10 +141,33 @@ class ResumableCheckpoint(keras.callbacks.Callback):
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         if self.nan_step is not None or self.state.batch < self.steps_per_epoch:
             return  # a cut-short epoch: its state was saved at its last good batch
-        for key, value in (logs or {}).items():
+        logs = {**(logs or {}), **self._whole_epoch(logs or {})}
+        for key, value in logs.items():
             self.state.history.setdefault(key, []).append(float(value))
-        self.state.epoch, self.state.batch = epoch + 1, 0
+        self.state.epoch, self.state.batch, self.state.epoch_means = epoch + 1, 0, {}
+        self._before = (0, {})
         self.save()
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self._before = (self.state.batch, dict(self.state.epoch_means))
+
+    def _whole_epoch(self, logs: dict) -> dict[str, float]:
+        """The training metrics of ``logs`` (Keras's means over this fit's steps of the epoch) as means over
+        all of the epoch's steps so far, including those done before a resume (equal batches: equal weights)."""
+        done_before, means_before = self._before
+        steps_now = self.state.batch - done_before
+        out = {}
+        for key, value in logs.items():
+            try:
+                mean_now = float(value)
+            except (TypeError, ValueError):
+                continue
+            if key.startswith("val_"):
+                continue
+            prior = means_before.get(key)
+            out[key] = mean_now if prior is None or not done_before else (
+                (done_before * prior + steps_now * mean_now) / max(done_before + steps_now, 1))
+        return out
 
     def save(self) -> None:
         """Write step-N.weights.h5, then state.json pointing at it, then delete the previous weights."""

@@ -194,3 +194,28 @@ def test_max_steps_is_split_into_equal_epochs(per_epoch: int, max_steps: int, wa
     assert (epochs, steps) == want
     assert max_steps <= epochs * steps < max_steps + epochs and steps <= per_epoch
     assert training.epoch_plan(per_epoch, 30, None) == (30, per_epoch)
+
+
+def test_resumed_mid_epoch_logs_the_whole_epochs_mean(corpus: Path, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stopped at step 37 of a 50-step epoch and resumed: the epoch's training loss is the mean over all 50
+    steps (as uninterrupted), not over the 13 after the resume."""
+    import io
+
+    common = dict(data=str(corpus), max_steps=50, checkpoint_every=5, width=32, depth=1, heads=2, seq_len=16,
+                  batch_size=8, jit_compile=False, embeddings="none")
+    reference = training.train(training.TrainConfig(out=str(tmp_path / "ref"), **common), log=io.StringIO())
+    original = checkpoint.ResumableCheckpoint.on_train_batch_end
+
+    def stop_at_37(self: checkpoint.ResumableCheckpoint, batch: int, logs: dict | None = None) -> None:
+        if self.state.step == 36:
+            self.interrupted = True
+        original(self, batch, logs)
+
+    monkeypatch.setattr(checkpoint.ResumableCheckpoint, "on_train_batch_end", stop_at_37)
+    with pytest.raises(checkpoint.TrainingInterrupted, match="interrupted at step 37 of 50"):
+        training.train(training.TrainConfig(out=str(tmp_path / "cut"), **common), log=io.StringIO())
+    monkeypatch.setattr(checkpoint.ResumableCheckpoint, "on_train_batch_end", original)
+    resumed = training.train(training.TrainConfig(out=str(tmp_path / "cut"), resume=True, **common),
+                             log=io.StringIO())
+    same_metrics(reference, resumed)
