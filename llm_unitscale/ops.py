@@ -132,17 +132,17 @@ def rows(x: tf.Tensor) -> int | tf.Tensor:
     return tf.reduce_prod(tf.shape(x)[:-1])
 
 
-def _matmul_rows(x: tf.Tensor, w: tf.Tensor) -> tf.Tensor:
-    """``x·w`` for x (..., fan_in) and w (fan_in, fan_out), as one 2-D MatMul over the flattened rows.
+def _matmul_rows(x: tf.Tensor, w: tf.Tensor, matmul_2d: Callable = tf.matmul) -> tf.Tensor:
+    """``x·w`` for x (..., fan_in) and w (fan_in, fan_out), as one 2-D ``matmul_2d`` over the flattened rows.
 
     Same maths as ``tf.matmul(x, w)``; but on a rank-3 x that is a BatchMatMul broadcasting w, whose weight
     gradient is computed per batch element and then summed (a B-times larger intermediate and an extra pass),
     and which oneDNN runs slower than MatMul. Keras's Dense flattens the same way.
     """
     if len(x.shape) == 2:
-        return tf.matmul(x, w)
+        return matmul_2d(x, w)
     fan_in, fan_out = int(w.shape[0]), int(w.shape[1])
-    y = tf.matmul(tf.reshape(x, [-1, fan_in]), w)
+    y = matmul_2d(tf.reshape(x, [-1, fan_in]), w)
     lead = x.shape[:-1]
     if lead.is_fully_defined():
         return tf.reshape(y, [*lead.as_list(), fan_out])
@@ -159,8 +159,6 @@ def _weight_matmul(x: tf.Tensor, kernel: tf.Tensor, alpha: Scale, beta_w: Scale)
     """
     if _EXACT_GRADIENTS:
         return _matmul_rows(x, scaled(kernel, alpha, beta_w))
-    lead = x.shape[:-1]
-    x2 = x if len(x.shape) == 2 else tf.reshape(x, [-1, int(kernel.shape[0])])
 
     @tf.custom_gradient
     def _mm(rows_in: tf.Tensor, k: tf.Tensor) -> tuple[tf.Tensor, Callable]:
@@ -171,13 +169,7 @@ def _weight_matmul(x: tf.Tensor, kernel: tf.Tensor, alpha: Scale, beta_w: Scale)
 
         return tf.matmul(rows_in, w), grad
 
-    y = _mm(x2, kernel)
-    if len(x.shape) == 2:
-        return y
-    fan_out = int(kernel.shape[1])
-    if lead.is_fully_defined():
-        return tf.reshape(y, [*lead.as_list(), fan_out])
-    return tf.reshape(y, tf.concat([tf.shape(x)[:-1], [fan_out]], axis=0))
+    return _matmul_rows(x, kernel, _mm)
 
 
 def _forward_matmul(x: tf.Tensor, kernel: tf.Tensor, bias: tf.Tensor | None, alpha: float, bias_scale: float
