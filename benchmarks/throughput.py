@@ -154,6 +154,7 @@ def make_trainer(shape: dict, vocab: int, unit: bool, precision: str, xla: bool)
             depth=shape["depth"], heads=shape["heads"], unit_scaling=unit,
         )
         training.compile_model(cfg, model, training.make_optimizer(cfg, cfg.learning_rate(), 10_000))
+        training.build_training_variables(model, synthetic(shape, vocab).element_spec)
     finally:
         keras.mixed_precision.set_global_policy("float32")
     return model

@@ -118,12 +118,18 @@ class LayerProbe:
         return result
 
     def _pass(self, loss: keras.losses.Loss, token_ids: tf.Tensor, targets: tf.Tensor) -> tuple[list, list, list]:
-        with tf.GradientTape(persistent=True) as tape:
+        with tf.GradientTape() as tape:
             values = self.probe(token_ids, training=True)
             value = loss(targets, values[self.final])
-        grads = tape.gradient(value, values, unconnected_gradients=tf.UnconnectedGradients.NONE)
-        weight_grads = [tape.gradient(value, layer.trainable_weights) for layer, _, _ in self.plan]
+        weights = [layer.trainable_weights for layer, _, _ in self.plan]
+        # One backward pass for every output and weight (a gradient call per layer would trace one each).
+        grads, flat_weight_grads = tape.gradient(value, (values, [w for ws in weights for w in ws]),
+                                                 unconnected_gradients=tf.UnconnectedGradients.NONE)
         del tape
+        weight_grads, start = [], 0
+        for ws in weights:
+            weight_grads.append(flat_weight_grads[start:start + len(ws)])
+            start += len(ws)
         return values, grads, weight_grads
 
 

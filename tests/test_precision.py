@@ -229,6 +229,31 @@ def test_each_precision_trains_without_nan(unit_scaling: bool, arch: str, precis
         assert model.layers[1].compute_dtype == precision_name
 
 
+@pytest.mark.parametrize("unit_scaling, precision_name, loss_scaling", [
+    (True, "fp8", False), (False, "float16", True), (False, "keras-float8", False), (True, "float32", False)])
+def test_training_variables_exist_before_the_first_step(unit_scaling: bool, precision_name: str,
+                                                        loss_scaling: bool) -> None:
+    """After build_training_variables, fit creates no variable: a traced step that creates variables is
+    traced a second time by tf.function (seconds per run, and an XLA step compiled twice)."""
+    cfg = training.TrainConfig(precision=precision_name, unit_scaling=unit_scaling, loss_scaling=loss_scaling,
+                               jit_compile=False)
+    precision.apply(precision_name)
+    model = models.build_model(vocab_size=40, seq_len=8, width=16, depth=1, heads=2, unit_scaling=unit_scaling)
+    training.compile_model(cfg, model, training.make_optimizer(cfg, 1e-3, 10))
+    ids = np.random.default_rng(0).integers(1, 40, (4, 9)).astype(np.int32)
+    data = tf.data.Dataset.from_tensors((ids[:, :-1], ids[:, 1:]))
+    training.build_training_variables(model, data.element_spec)
+    created = []
+
+    def record(next_creator, **kwargs):  # noqa: ANN001, ANN003, ANN202
+        created.append(kwargs.get("name"))
+        return next_creator(**kwargs)
+
+    with tf.variable_creator_scope(record):
+        model.fit(data, epochs=1, verbose=0)
+    assert created == []
+
+
 @pytest.mark.parametrize("unit_scaling, arch", [(True, "transformer"), (False, "cnn")])
 def test_fp8_run_tracks_scales_saves_and_loads(tmp_path: Path, unit_scaling: bool, arch: str) -> None:
     cfg = training.TrainConfig(
