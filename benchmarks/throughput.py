@@ -2,15 +2,16 @@
 latency, cached vs uncached generation and peak memory — all measured in one run, side by side.
 
     python benchmarks/throughput.py            # full: both shapes, every combination (~15-25 min on 2 cores)
-    python benchmarks/throughput.py --quick    # under 3 minutes on 2 cores: a subset, fewer steps
+    python benchmarks/throughput.py --quick    # under 3 minutes on 2 cores: a subset (float32 with XLA, the
+                                               # default, at both shapes; peak RSS at medium), fewer steps
     python benchmarks/throughput.py --json     # one JSON document on stdout (the table goes to stderr)
 
 What is measured (every number comes from this process or its children, on this machine, now):
 
 * **peak**: GFLOP/s of one large square ``tf.matmul`` (2·n³ FLOPs) per dtype, run as a ``tf.function`` both
   with and without XLA; the peak of a dtype is the faster of the two (XLA's CPU matmul is not oneDNN's: for
-  bfloat16 it does not use AMX). Measured at the start and again at the end (noise check); the median of all
-  repetitions of the faster mode is the peak.
+  bfloat16 it does not use AMX). Measured at the start and (not with --quick) again at the end (noise check);
+  the median of all repetitions of the faster mode is the peak.
 * **training step**: ``model.fit`` on a constant synthetic batch, exactly as ``train.py`` compiles it
   (``training.make_optimizer`` / ``training.compile_model``: AdamW, accuracy metric), per-step wall time from
   a callback (median over steps). Unit-scaled and ``--no-unit-scaling`` models of the same shape, precision and
@@ -22,17 +23,21 @@ What is measured (every number comes from this process or its children, on this 
   FLOPs per step = B·T·(6·N + 12·L·d·T): N = parameters of the matmul weights (every weight of rank ≥ 2 except
   the token and position tables, which are lookups), the second term the attention scores and mixing.
   float32 steps are divided by the float32 peak, mixed_bfloat16 steps by the bfloat16 peak.
-* **input pipeline**: the same unit-scaled model (float32, XLA) fed by ``data.lm_dataset`` (the training
-  pipeline, on data/dataset.txt) vs by a constant synthetic batch, interleaved.
+* **input pipeline**: the unit-scaled float32 XLA model of the training measurement (the first shape; with
+  ``--quick`` only the small one) fed by ``data.lm_dataset`` (the training pipeline, on data/dataset.txt) vs by
+  the constant synthetic batch, interleaved with the training measurements.
 * **inference**: a run folder is trained for one step by ``training.train`` (medium shape, so that 100 new
-  tokens fit in its 256-token context) and loaded with ``runs.load_run``; latency of ``inference.next_tokens``
+  tokens fit in its 256-token context; not timed, while the memory children run) and loaded with ``runs.load_run``; latency of ``inference.next_tokens``
   for one sentence (first call, which traces, and the median of warm calls); generation of 100 new tokens
   (the sampling loop of ``inference.generate``, argmax with end-of-line masked so exactly 100 tokens are made)
   with the key/value cache (``decoding.IncrementalDecoder``) vs uncached — the full forward pass per token as
   ``generate`` did before (an eager ``model(...)`` call) and, as a stronger baseline, the same full pass in a
-  ``tf.function``.
-* **peak RSS**: a child process per shape trains the default configuration (unit-scaled, float32, XLA) for a
-  few steps and reports its peak resident set (``VmHWM`` of ``/proc/self/status``).
+  ``tf.function``; 3 timed rounds in alternating order: tokens/s from each method's best round, the speed-up
+  as the median over rounds of that round's ratio.
+* **peak RSS**: a child process per shape (all started at once, beside the untimed run-folder training of the
+  inference measurement, and finished before it is timed; ``--quick``: the medium shape only) trains the
+  default configuration (unit-scaled, float32, XLA) for a few steps and reports its peak resident set
+  (``VmHWM`` of ``/proc/self/status``).
 
 The load average at the start and the end is printed: on a shared machine trust ratios, not absolute numbers.
 """
@@ -72,8 +77,12 @@ SHAPES = {
 DATA = ROOT / "data" / "dataset.txt"
 
 
+_STARTED = time.perf_counter()
+
+
 def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+    """A progress line on stderr, prefixed by the seconds since the benchmark started."""
+    print(f"[{time.perf_counter() - _STARTED:5.0f} s] {msg}", file=sys.stderr, flush=True)
 
 
 def load_average() -> float:
@@ -112,15 +121,16 @@ def measure_peaks(n: int, reps: int) -> dict:
     return result
 
 
-def summarise_peaks(first: dict, last: dict, n: int) -> dict:
+def summarise_peaks(first: dict, last: dict | None, n: int) -> dict:
+    """Peak per dtype: the faster mode's median over the start (and, when measured, the end) repetitions."""
     peaks = {}
     for dtype in first:
-        modes = {m: statistics.median(first[dtype][m] + last[dtype][m]) for m in first[dtype]}
+        modes = {m: statistics.median(first[dtype][m] + (last[dtype][m] if last else [])) for m in first[dtype]}
         best = max(modes, key=modes.get)
         peaks[dtype] = {"gflops": round(modes[best], 1), "mode": best, "n": n,
                         "by_mode": {m: round(v, 1) for m, v in modes.items()},
                         "start_end": [round(statistics.median(first[dtype][best]), 1),
-                                      round(statistics.median(last[dtype][best]), 1)]}
+                                      round(statistics.median(last[dtype][best]), 1) if last else None]}
     return peaks
 
 
@@ -168,13 +178,13 @@ def synthetic(shape: dict, vocab: int) -> tf.data.Dataset:
 
 def fit_steps(model: keras.Model, dataset: tf.data.Dataset, steps: int) -> list[float]:
     timer = StepTimer()
-    model.fit(dataset, epochs=1, steps_per_epoch=steps, verbose=0, callbacks=[timer])
+    model.fit(dataset, epochs=1, steps_per_epoch=steps, verbose=0, callbacks=[timer], shuffle=False)
     return timer.times
 
 
-def interleaved(runs: dict[str, tuple[keras.Model, tf.data.Dataset]], warmup: int, steps: int, rounds: int) -> dict:
+def interleaved(runs: dict[Any, tuple[keras.Model, tf.data.Dataset]], warmup: int, steps: int, rounds: int) -> dict:
     """Median step seconds of each (model, data) pair, measured in alternating chunks after a warm-up."""
-    times: dict[str, list[float]] = {name: [] for name in runs}
+    times: dict[Any, list[float]] = {name: [] for name in runs}
     compile_s = {}
     for name, (model, dataset) in runs.items():
         start = time.perf_counter()
@@ -202,18 +212,26 @@ def flops_per_step(model: keras.Model, shape: dict) -> float:
 
 
 def bench_training(shape_name: str, vocab: int, configs: list[tuple[str, bool]], warmup: int, steps: int,
-                   rounds: int, peaks: dict) -> list[dict]:
+                   rounds: int, peaks: dict, pipeline_ids: np.ndarray | None = None) -> tuple[list[dict], dict | None]:
     """Unit-scaled and baseline models for every (precision, xla) in ``configs``, all interleaved with each other.
 
     Each row also gives the unit-scaled model's speed-up over the group's float32 configuration (same XLA
-    setting when the group has it, else the float32 one there is), measured in the same interleaving."""
+    setting when the group has it, else the float32 one there is), measured in the same interleaving.
+    With ``pipeline_ids`` (and float32 XLA in ``configs``) the unit-scaled float32 XLA model is also fed by the
+    training pipeline (``data.lm_dataset`` on those ids) in the same interleaving: the input-pipeline check,
+    without compiling another model. Returns (rows, pipeline result or None)."""
     shape = SHAPES[shape_name]
     names = ", ".join(f"{p}{' xla' if x else ''}" for p, x in configs)
     log(f"training {shape_name}: unit-scaled and baseline, {names}")
     keys = [(p, x, unit) for p, x in configs for unit in (True, False)]
     models = {k: make_trainer(shape, vocab, k[2], k[0], k[1]) for k in keys}
     data = synthetic(shape, vocab)
-    res = interleaved({k: (model, data) for k, model in models.items()}, warmup, steps, rounds)
+    runs: dict = {k: (model, data) for k, model in models.items()}
+    fed_model = ("float32", True, True)  # the unit-scaled float32 XLA model
+    if pipeline_ids is not None and fed_model in models:
+        real = data_mod.lm_dataset(pipeline_ids, shape["seq_len"], shape["batch"], shuffle=True, seed=0).repeat()
+        runs["real data"] = (models[fed_model], real)
+    res = interleaved(runs, warmup, steps, rounds)
     tokens = shape["batch"] * shape["seq_len"]
     rows = []
     for precision, xla in configs:
@@ -234,11 +252,19 @@ def bench_training(shape_name: str, vocab: int, configs: list[tuple[str, bool]],
         row["unit_over_baseline"] = round(res[(precision, xla, True)]["step_s"] / res[(precision, xla, False)]["step_s"],
                                           3)
         log(f"  {precision} {'xla' if xla else 'no xla'}: unit {row['unit']['ms_per_step']} ms, baseline "
-            f"{row['baseline']['ms_per_step']} ms, ratio {row['unit_over_baseline']}, MFU unit {row['unit']['mfu']:.1%}")
+            f"{row['baseline']['ms_per_step']} ms, ratio {row['unit_over_baseline']}, MFU unit {row['unit']['mfu']:.1%}"
+            f", warm-up (trace, compile) unit {row['unit']['warmup_s']} s")
         rows.append(row)
-    del models
+    pipeline = None
+    if "real data" in res:
+        real_s, synthetic_s = res["real data"]["step_s"], res[fed_model]["step_s"]
+        pipeline = {"shape": shape_name, "real_ms": round(real_s * 1e3, 2), "synthetic_ms": round(synthetic_s * 1e3, 2),
+                    "real_over_synthetic": round(real_s / synthetic_s, 3)}
+        log(f"  input pipeline: real {pipeline['real_ms']} ms, synthetic {pipeline['synthetic_ms']} ms, "
+            f"ratio {pipeline['real_over_synthetic']}")
+    del models, runs
     keras.backend.clear_session()
-    return rows
+    return rows, pipeline
 
 
 def corpus_ids() -> tuple[np.ndarray, int]:
@@ -251,37 +277,29 @@ def corpus_ids() -> tuple[np.ndarray, int]:
     return training.lm_ids(tokenizer, vocab, text), len(vocab)
 
 
-def bench_pipeline(shape_name: str, ids: np.ndarray, vocab: int, warmup: int, steps: int, rounds: int) -> dict:
-    shape = SHAPES[shape_name]
-    log(f"input pipeline {shape_name}: lm_dataset vs synthetic (unit-scaled, float32, xla)")
-    model = make_trainer(shape, vocab, True, "float32", True)
-    real = data_mod.lm_dataset(ids, shape["seq_len"], shape["batch"], shuffle=True, seed=0).repeat()
-    res = interleaved({"real": (model, real), "synthetic": (model, synthetic(shape, vocab))}, warmup, steps, rounds)
-    out = {"shape": shape_name, "real_ms": round(res["real"]["step_s"] * 1e3, 2),
-           "synthetic_ms": round(res["synthetic"]["step_s"] * 1e3, 2),
-           "real_over_synthetic": round(res["real"]["step_s"] / res["synthetic"]["step_s"], 3)}
-    log(f"  real {out['real_ms']} ms, synthetic {out['synthetic_ms']} ms, ratio {out['real_over_synthetic']}")
-    keras.backend.clear_session()
-    return out
-
-
 # ------------------------------------------------------------------------------------------------ inference
-def bench_inference(shape_name: str, new_tokens: int, baselines: list[str], workdir: Path) -> dict:
-    from llm_unitscale import inference, runs
-    from llm_unitscale.decoding import IncrementalDecoder
+def inference_run_folder(shape_name: str, workdir: Path) -> Path:
+    """A run folder of the given shape made by ``training.train`` (1 step on data/dataset.txt; not timed)."""
+    import io
 
     shape = SHAPES[shape_name]
-    log(f"inference {shape_name}: training a 1-step run folder, then predict latency and generation")
+    log(f"inference {shape_name}: training a 1-step run folder")
     cfg = training.TrainConfig(
         data=str(DATA), out=str(workdir / f"run_{shape_name}"), tokenizer="char", max_steps=1, epochs=1,
         seq_len=shape["seq_len"], width=shape["width"], depth=shape["depth"], heads=shape["heads"],
         batch_size=shape["batch"], embeddings="none", jit_compile=False, overwrite=True,
     )
-    import io
-
     training.train(cfg, log=io.StringIO())
+    return Path(cfg.out)
+
+
+def bench_inference(shape_name: str, run_dir: Path, new_tokens: int, baselines: list[str], rounds: int = 2) -> dict:
+    from llm_unitscale import inference, runs
+    from llm_unitscale.decoding import IncrementalDecoder
+
+    log(f"inference {shape_name}: predict latency and generation")
     start = time.perf_counter()
-    run = runs.load_run(cfg.out)
+    run = runs.load_run(run_dir)
     load_s = time.perf_counter() - start
     sentence = "In the morning I had a cup of"
     start = time.perf_counter()
@@ -330,16 +348,17 @@ def bench_inference(shape_name: str, new_tokens: int, baselines: list[str], work
         first[name] = fn()
         out[f"{name}_first_s"] = round(time.perf_counter() - start, 2)
     out["same_tokens"] = all(v == first["cached"] for v in first.values())
-    seconds = {name: [] for name in methods}
-    for r in range(2):
-        for name in (list(methods) if r == 0 else list(methods)[::-1]):
+    seconds: dict[str, list[float]] = {name: [] for name in methods}
+    for r in range(rounds):  # timed after the warm-up, alternating the order
+        for name in (list(methods) if r % 2 == 0 else list(methods)[::-1]):
             start = time.perf_counter()
             methods[name]()
             seconds[name].append(time.perf_counter() - start)
-    for name, s in seconds.items():
+    for name, s in seconds.items():  # tokens/s: the best round of each
         out[f"{name}_tokens_per_s"] = round(new_tokens / min(s), 1)
-    for k in baselines:
-        out[f"cached_over_uncached_{k}"] = round(out["cached_tokens_per_s"] / out[f"uncached_{k}_tokens_per_s"], 2)
+    for k in baselines:  # the speed-up: the median over rounds of that round's ratio (load drifts between rounds)
+        ratios = [u / c for u, c in zip(seconds[f"uncached_{k}"], seconds["cached"], strict=True)]
+        out[f"cached_over_uncached_{k}"] = round(statistics.median(ratios), 2)
     log("  " + ", ".join(f"{k} {v}" for k, v in out.items() if k.endswith(("tokens_per_s", "_ms")) or "over" in k))
     return out
 
@@ -370,13 +389,25 @@ def memory_child(shape_name: str, steps: int) -> None:
     print(json.dumps({"shape": shape_name, "peak_rss_mb": round(rss_mb, 1), "steps": steps}))
 
 
-def bench_memory(shape_name: str, steps: int) -> dict:
-    log(f"peak RSS {shape_name}: child process, unit-scaled float32 xla, {steps} steps")
-    proc = subprocess.run([sys.executable, __file__, "--memory-child", shape_name, "--steps", str(steps)],
-                          capture_output=True, text=True, check=False)
-    if proc.returncode:
-        return {"shape": shape_name, "error": (proc.stderr.strip().splitlines() or ["?"])[-1]}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+def start_memory_children(shape_names: list[str], steps: int) -> dict[str, subprocess.Popen]:
+    """Peak RSS per shape: one child process each, all started at once (a peak does not depend on sharing the
+    cores, so they run beside each other and beside untimed work; collect them before timing anything)."""
+    log(f"peak RSS {', '.join(shape_names)}: a child process each, unit-scaled float32 xla, {steps} steps")
+    return {name: subprocess.Popen([sys.executable, __file__, "--memory-child", name, "--steps", str(steps)],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for name in shape_names}
+
+
+def collect_memory(children: dict[str, subprocess.Popen]) -> list[dict]:
+    """Wait for :func:`start_memory_children`'s children; their peak RSS (or the error each reported)."""
+    results = []
+    for name, child in children.items():
+        out, err = child.communicate()
+        if child.returncode:
+            results.append({"shape": name, "error": (err.strip().splitlines() or ["?"])[-1]})
+        else:
+            results.append(json.loads(out.strip().splitlines()[-1]))
+    return results
 
 
 # ---------------------------------------------------------------------------------------------------- report
@@ -388,7 +419,8 @@ def table(result: dict) -> str:
     lines.append("\nmatmul peak (n×n tf.matmul, median GFLOP/s; graph = oneDNN, xla = XLA's own kernel)")
     for dtype, p in result["peaks"].items():
         lines.append(f"  {dtype:9s} n={p['n']}: graph {p['by_mode']['graph']:7.1f}  xla {p['by_mode']['xla']:7.1f}"
-                     f"  → peak {p['gflops']:.1f} ({p['mode']}); start/end {p['start_end'][0]} / {p['start_end'][1]}")
+                     f"  → peak {p['gflops']:.1f} ({p['mode']})" + (f"; start/end {p['start_end'][0]} / {p['start_end'][1]}"
+                                                                  if p["start_end"][1] is not None else ""))
     lines.append("\ntraining step (median ms/step, tokens/s, MFU vs the peak of the same dtype); ratio = unit/baseline")
     header = f"  {'shape':7s} {'precision':9s} {'xla':5s} | {'unit ms':>9s} {'tok/s':>8s} {'MFU':>6s} | " \
              f"{'base ms':>9s} {'tok/s':>8s} {'MFU':>6s} | {'ratio':>6s} | unit vs float32"
@@ -461,6 +493,9 @@ def targets(result: dict) -> list[str]:
                 return min(cands, key=lambda r: r["unit"]["ms_per_step"]) if cands else None
 
             f32, bf16 = fastest("float32"), fastest("bfloat16")
+            if f32 and not bf16 and shape == "small":
+                out.append(f"[not measured here] bfloat16 vs float32 training: full mode only (drop --quick); "
+                           f"{bf16_reason(result)}")
             if f32 and bf16:
                 speedup = f32["unit"]["ms_per_step"] / bf16["unit"]["ms_per_step"]
                 out.append(f"[{'met' if speedup > 1 else 'MISSED'}] bfloat16 faster than float32 at {shape}: "
@@ -501,38 +536,43 @@ def main() -> int:
     reps = 4 if args.quick else 6
     log(f"matmul peak, n={n}")
     first_peaks = measure_peaks(n, reps)
-    peaks = summarise_peaks(first_peaks, first_peaks, n)
+    peaks = summarise_peaks(first_peaks, None, n)
 
     plan = []  # (shape, [(precision, xla), ...] measured interleaved, warmup, steps per chunk, rounds)
     every = [(p, x) for x in (True, False) for p in ("float32", "bfloat16")]
     for shape in shapes:
         small = shape == "small"
-        if args.quick:  # small: every combination; medium: the fastest float32 and bfloat16 settings only
+        if args.quick:  # float32 XLA, train.py's default, at both shapes (bfloat16 and no-XLA: full mode)
             if small:
-                plan.append((shape, every, 2, args.steps or 3, 2))
+                plan.append((shape, [("float32", True)], 2, args.steps or 3, 2))
             else:
-                plan.append((shape, [("float32", True), ("bfloat16", False)], 1, args.steps or 1, 2))
+                plan.append((shape, [("float32", True)], 1, args.steps or 1, 2))
         else:
             plan.append((shape, every, 2, args.steps or (10 if small else 2), 3))
     training_rows, pipeline, inference_rows, memory = [], [], [], []
     if "training" not in skip:
         for shape, configs, warmup, steps, rounds in plan:
-            training_rows += bench_training(shape, vocab, configs, warmup, steps, rounds, peaks)
-    if "pipeline" not in skip:
-        for shape in (["small"] if args.quick and "small" in shapes else shapes):  # quick: small shape only
-            steps = args.steps or ((4 if shape == "small" else 2) if args.quick else (10 if shape == "small" else 2))
-            pipeline.append(bench_pipeline(shape, ids, vocab, 2, steps, 2 if args.quick else 3))
-    if "inference" not in skip:
-        with tempfile.TemporaryDirectory() as tmp:
-            inf_shapes = ["medium"] if "medium" in shapes else shapes
-            for shape in inf_shapes:
-                baselines = ["compiled"] if args.quick else ["compiled", "eager"]
-                inference_rows.append(bench_inference(shape, 100, baselines, Path(tmp)))
-    if "memory" not in skip:
-        for shape in shapes:
-            memory.append(bench_memory(shape, 2 if args.quick else 5))
-    log("matmul peak again (noise check)")
-    peaks = summarise_peaks(first_peaks, measure_peaks(n, reps), n)
+            # the input-pipeline check runs in the first group (quick: small only), on its float32 XLA model
+            feed = ids if "pipeline" not in skip and (not pipeline or not args.quick) else None
+            rows, checked = bench_training(shape, vocab, configs, warmup, steps, rounds, peaks, feed)
+            training_rows += rows
+            pipeline += [checked] if checked else []
+    # the memory children run beside the untimed run-folder training, and finish before inference is timed;
+    # --quick: the largest shape only (the 3-minute budget)
+    memory_shapes = shapes[-1:] if args.quick else shapes
+    children = start_memory_children(memory_shapes, 1 if args.quick else 5) if "memory" not in skip else {}
+    with tempfile.TemporaryDirectory() as tmp:
+        inf_shapes = [] if "inference" in skip else ["medium"] if "medium" in shapes else shapes
+        run_dirs = {shape: inference_run_folder(shape, Path(tmp)) for shape in inf_shapes}
+        memory = collect_memory(children)
+        for shape, run_dir in run_dirs.items():
+            baselines = ["compiled"] if args.quick else ["compiled", "eager"]
+            inference_rows.append(bench_inference(shape, run_dir, 100, baselines, 3))
+    if args.quick:  # the start's peak only (saves a few seconds of the 3-minute budget)
+        peaks = summarise_peaks(first_peaks, None, n)
+    else:
+        log("matmul peak again (noise check)")
+        peaks = summarise_peaks(first_peaks, measure_peaks(n, reps), n)
     for row in training_rows:  # MFU against the peak from both measurements
         peak = peaks["bfloat16" if row["precision"] == "bfloat16" else "float32"]["gflops"] * 1e9
         for key in ("unit", "baseline"):

@@ -150,14 +150,16 @@ def _matmul_rows(x: tf.Tensor, w: tf.Tensor, matmul_2d: Callable = tf.matmul) ->
 
 
 def _weight_matmul(x: tf.Tensor, kernel: tf.Tensor, alpha: Scale, beta_w: Scale) -> tf.Tensor:
-    """``x·(α·W)`` over the flattened rows; backward ∂x = g·(αW)ᵀ, ∂W = xᵀ·(β_w·g).
+    """``x·(α·W)`` over the flattened rows; backward ∂x = g·(αW)ᵀ, ∂W = β_w·xᵀg.
 
-    The same gradients as ``matmul(x, scaled(W, α, β_w))``, but β_w (= N^-½) is applied to g *before* the
-    weight-gradient matmul sums over the N rows, so its low-precision output stays near unit scale: after the
-    sum, xᵀg has RMS ≈ √N × the unit-scaled result, which overflowed float16 (65504) at N = 8192 tokens per
-    batch and made unit-scaled float16 training diverge (README, "More tokens per batch").
+    The same gradients as ``matmul(x, scaled(W, α, β_w))``, which is what float32 and bfloat16 (float32's
+    range) compute. In float16, β_w (= N^-½) is applied to g *before* the weight-gradient matmul sums over the
+    N rows, ∂W = xᵀ·(β_w·g), so its output stays near unit scale: after the sum, xᵀg has RMS ≈ √N × the
+    unit-scaled result, which overflowed float16 (65504) at N = 8192 tokens per batch and made unit-scaled
+    float16 training diverge (README, "More tokens per batch"). Not used in the other dtypes: multiplying the
+    activation-sized g, in a custom gradient, made the medium-shape float32 step ≈ 6 % slower.
     """
-    if _EXACT_GRADIENTS:
+    if _EXACT_GRADIENTS or x.dtype != tf.float16:
         return _matmul_rows(x, scaled(kernel, alpha, beta_w))
 
     @tf.custom_gradient
@@ -538,6 +540,29 @@ def attention(
         probs, v = fp8_matmul_inputs(probs * count, v)
         return fp8_matmul_output(tf.matmul(probs, v) * tf.math.rsqrt(count))
     return tf.matmul(probs, v) * tf.sqrt(count)
+
+
+def cached_attention(
+    q: tf.Tensor, k_cache: tf.Tensor, v_cache: tf.Tensor, k_new: tf.Tensor, v_new: tf.Tensor, cached: tf.Tensor
+) -> tf.Tensor:
+    """:func:`attention` for one new query row over a key/value cache plus its own key, for decoding (forward only).
+
+    q, k_new, v_new: (B, H, 1, d), the new position p; k_cache, v_cache: (B, H, S, d); cached: (S,) bool, the
+    cache rows that hold earlier positions (0…p−1). The keys are those rows and the new one, n = p + 1:
+
+        o = √n · Σ_j softmax_j(q·k_j/d) · v_j
+
+    — row p of :func:`attention`'s causal output, computed without writing k_new, v_new into the cache (a
+    cache-sized select per layer would cost more than this attention). No simulated FP8 (see ``decoding``).
+    """
+    inv_d = 1.0 / int(q.shape[-1])
+    old = tf.matmul(q, k_cache, transpose_b=True) * inv_d  # (B, H, 1, S)
+    old = tf.where(cached[None, None, None, :], old, tf.cast(old.dtype.min, old.dtype) * 0.5)
+    new = tf.reduce_sum(q * k_new, axis=-1, keepdims=True) * inv_d  # (B, H, 1, 1)
+    probs = tf.nn.softmax(tf.concat([old, new], axis=-1), axis=-1)
+    count = tf.reduce_sum(tf.cast(cached, q.dtype)) + 1.0
+    o = tf.matmul(probs[..., :-1], v_cache) + probs[..., -1:] * v_new
+    return o * tf.sqrt(count)
 
 
 def multi_head_attention(

@@ -53,6 +53,23 @@ def test_prefill_then_steps_equal_full_forward(model: keras.Model, jit_compile: 
     assert np.abs(full).max() > 0.1  # the comparison is not between near-zero logits
 
 
+def test_step_in_place_equals_step_and_writes_only_row_pos(model: keras.Model) -> None:
+    x = ids(2, 7, seed=6)
+    decoder = KVCacheDecoder(model)
+    _, caches = decoder.prefill(x[:, :5])
+    variables = decoder.cache_variables(2)
+    for variable, cache in zip(variables, caches, strict=True):
+        variable.assign(cache)
+    want, updated = decoder.step(x[:, 5], 5, caches)
+    got = decoder.step_in_place(x[:, 5], 5, variables)
+    np.testing.assert_allclose(got.numpy(), want.numpy(), atol=ATOL)
+    for i, (variable, before, after) in enumerate(zip(variables, caches, updated, strict=True)):
+        axis = decoder.blocks[i // 2].seq_axis
+        np.testing.assert_allclose(variable.numpy(), after.numpy(), atol=ATOL)  # row 5 written …
+        changed = np.any(variable.numpy() != before.numpy(), axis=tuple(a for a in range(4) if a != axis))
+        assert np.flatnonzero(changed).tolist() == [5]  # … and no other row
+
+
 def test_cached_steps_depend_on_the_cache(model: keras.Model) -> None:
     """A step must read the cached keys/values: a different prefix gives different logits for the same token."""
     decoder = KVCacheDecoder(model)

@@ -657,6 +657,23 @@ def test_attention_output_independent_of_sequence_length(prefix: int) -> None:
     np.testing.assert_allclose(last[:, :, 0], full[:, :, prefix - 1], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("pos", [0, 5, 31])
+def test_cached_attention_is_row_p_of_causal_attention(pos: int) -> None:
+    """One query at position p over the cache rows 0…p−1 plus its own key = row p of the full causal pass,
+    whatever the cache holds beyond row p−1."""
+    q, k, v = _qkv()
+    full = ops.attention(q, k, v, causal=True).numpy()
+    length = int(k.shape[2])
+    junk = np.random.default_rng(9).standard_normal(k.shape).astype(np.float32)
+    rows_before = np.arange(length)[None, None, :, None] < pos
+    k_cache = tf.constant(np.where(rows_before, k, junk))  # rows ≥ p: anything (not yet written)
+    v_cache = tf.constant(np.where(rows_before, v, junk))
+    row = slice(pos, pos + 1)
+    out = ops.cached_attention(tf.constant(q[:, :, row]), k_cache, v_cache, tf.constant(k[:, :, row]),
+                               tf.constant(v[:, :, row]), tf.range(length) < pos).numpy()
+    np.testing.assert_allclose(out[:, :, 0], full[:, :, pos], rtol=1e-5, atol=1e-5)
+
+
 # ------------------------------------------------------------------------------------------ pooling constants
 @pytest.mark.parametrize("n", [1, 2, 3, 8, 64])
 def test_max_of_normals_rms_monte_carlo(n: int) -> None:
