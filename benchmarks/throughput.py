@@ -24,8 +24,8 @@ What is measured (every number comes from this process or its children, on this 
   the token and position tables, which are lookups), the second term the attention scores and mixing.
   float32 steps are divided by the float32 peak, mixed_bfloat16 steps by the bfloat16 peak.
 * **input pipeline**: the unit-scaled float32 XLA model of the training measurement (the first shape; with
-  ``--quick`` only the small one) fed by ``data.lm_dataset`` (the training pipeline, on data/dataset.txt) vs by
-  the constant synthetic batch, interleaved with the training measurements.
+  ``--quick`` only the small one) fed by ``data.lm_train_batches`` (what ``train.py`` feeds, on
+  data/dataset.txt) vs by the constant synthetic batch, interleaved with the training measurements.
 * **inference**: a run folder is trained for one step by ``training.train`` (medium shape, so that 100 new
   tokens fit in its 256-token context; not timed, while the memory children run) and loaded with ``runs.load_run``; latency of ``inference.next_tokens``
   for one sentence (first call, which traces, and the median of warm calls); generation of 100 new tokens
@@ -218,7 +218,8 @@ def bench_training(shape_name: str, vocab: int, configs: list[tuple[str, bool]],
     Each row also gives the unit-scaled model's speed-up over the group's float32 configuration (same XLA
     setting when the group has it, else the float32 one there is), measured in the same interleaving.
     With ``pipeline_ids`` (and float32 XLA in ``configs``) the unit-scaled float32 XLA model is also fed by the
-    training pipeline (``data.lm_dataset`` on those ids) in the same interleaving: the input-pipeline check,
+    training pipeline (``data.lm_train_batches`` on those ids, what ``train.py`` feeds) in the same
+    interleaving: the input-pipeline check,
     without compiling another model. Returns (rows, pipeline result or None)."""
     shape = SHAPES[shape_name]
     names = ", ".join(f"{p}{' xla' if x else ''}" for p, x in configs)
@@ -226,11 +227,13 @@ def bench_training(shape_name: str, vocab: int, configs: list[tuple[str, bool]],
     keys = [(p, x, unit) for p, x in configs for unit in (True, False)]
     models = {k: make_trainer(shape, vocab, k[2], k[0], k[1]) for k in keys}
     data = synthetic(shape, vocab)
-    runs: dict = {k: (model, data) for k, model in models.items()}
+    runs: dict = {}
     fed_model = ("float32", True, True)  # the unit-scaled float32 XLA model
-    if pipeline_ids is not None and fed_model in models:
-        real = data_mod.lm_dataset(pipeline_ids, shape["seq_len"], shape["batch"], shuffle=True, seed=0).repeat()
-        runs["real data"] = (models[fed_model], real)
+    for key, model in models.items():
+        runs[key] = (model, data)
+        if key == fed_model and pipeline_ids is not None:  # right after it: the same model, no switch between
+            real = data_mod.lm_train_batches(pipeline_ids, shape["seq_len"], shape["batch"], 0, 0, 1 << 40)
+            runs["real data"] = (model, real)
     res = interleaved(runs, warmup, steps, rounds)
     tokens = shape["batch"] * shape["seq_len"]
     rows = []
@@ -437,7 +440,7 @@ def table(result: dict) -> str:
         lines.append("  (GFLOP/step: " + ", ".join(sorted({f"{x['shape']} {x['unit']['gflop_per_step']}"
                                                           for x in result['training']})) + ")")
     if result["pipeline"]:
-        lines.append("\ninput pipeline (unit-scaled, float32, xla): data.lm_dataset vs constant synthetic batch")
+        lines.append("\ninput pipeline (unit-scaled, float32, xla): data.lm_train_batches vs constant synthetic batch")
         for p in result["pipeline"]:
             lines.append(f"  {p['shape']:7s} real {p['real_ms']:.1f} ms  synthetic {p['synthetic_ms']:.1f} ms  "
                          f"ratio {p['real_over_synthetic']:.3f}")
@@ -544,7 +547,7 @@ def main() -> int:
         small = shape == "small"
         if args.quick:  # float32 XLA, train.py's default, at both shapes (bfloat16 and no-XLA: full mode)
             if small:
-                plan.append((shape, [("float32", True)], 2, args.steps or 3, 2))
+                plan.append((shape, [("float32", True)], 2, args.steps or 8, 3))  # 50-ms steps: take 24 each
             else:
                 plan.append((shape, [("float32", True)], 1, args.steps or 1, 2))
         else:
