@@ -33,7 +33,8 @@ cache, instead of O(depth·T·width² + depth·T²·width) for a full forward pa
 one ``tf.function`` with static shapes (compiled by XLA by default), traced once per batch size. It only *reads*
 the caches (the unit-scaled attention of the new row is :func:`ops.cached_attention`: the cache rows plus the new
 key, without writing it in); the new keys and values are then written into cache *variables* one row at a time
-(:meth:`KVCacheDecoder.step_in_place`, used by :class:`IncrementalDecoder`). Returning updated cache tensors
+(:meth:`KVCacheDecoder.step_in_place`; :class:`IncrementalDecoder` uses it through
+:meth:`KVCacheDecoder.bound_step`, whose graph captures the variables). Returning updated cache tensors
 instead would copy every cache per token (XLA inserts a copy even when a variable could be updated in place):
 measured ≈ 1 ms of a ≈ 5 ms step at the medium shape.
 """
@@ -41,7 +42,7 @@ measured ≈ 1 ms of a ≈ 5 ms step at the medium shape.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import keras
@@ -270,6 +271,19 @@ class KVCacheDecoder:
             raise ValueError(f"position {pos} is outside the context of {self.seq_len}")
         return self._step(tf.convert_to_tensor(tokens, tf.int32), tf.constant(pos, tf.int32), caches)
 
+    def bound_step(self, caches: tuple[tf.Variable, ...]) -> Callable[[np.ndarray | tf.Tensor, int], tf.Tensor]:
+        """:meth:`step_in_place` for these cache variables, as ``step(tokens, pos) → logits``: one graph that
+        captures the variables. Passing 12 variables as ``tf.function`` arguments costs Python time on every
+        call (measured 4.2–5.7 vs 3.6–4.4 ms per step at the medium shape, interleaved)."""
+        graph = tf.function(lambda tokens, pos: self._step_in_place_impl(tokens, pos, caches))
+
+        def step(tokens: np.ndarray | tf.Tensor, pos: int) -> tf.Tensor:
+            if not 0 <= pos < self.seq_len:
+                raise ValueError(f"position {pos} is outside the context of {self.seq_len}")
+            return graph(tf.convert_to_tensor(tokens, tf.int32), tf.constant(pos, tf.int32))
+
+        return step
+
     def step_in_place(self, tokens: np.ndarray | tf.Tensor, pos: int, caches: tuple[tf.Variable, ...]) -> tf.Tensor:
         """:meth:`step` on cache *variables* (:meth:`cache_variables`), updated in place; returns the logits.
 
@@ -293,6 +307,7 @@ class IncrementalDecoder:
         self.seq_len = self.decoder.seq_len
         self._ids = np.zeros((1, 0), np.int32)
         self._caches: tuple[tf.Variable, ...] = ()  # variables for the current batch size, updated in place
+        self._step: Callable[[np.ndarray | tf.Tensor, int], tf.Tensor] | None = None  # bound to _caches
 
     @property
     def length(self) -> int:
@@ -318,13 +333,14 @@ class IncrementalDecoder:
         pos = self.length - 1
         if pos >= self.seq_len:  # the window slides: every position moves, nothing cached is valid
             return self._refill()
-        return self.decoder.step_in_place(tokens, pos, self._caches).numpy()
+        return self._step(tokens, pos).numpy()
 
     def _refill(self) -> np.ndarray:
         logits, caches = self.decoder.prefill(self._ids[:, -self.seq_len:])
         batch = self._ids.shape[0]
         if not self._caches or self._caches[0].shape[0] != batch:
             self._caches = self.decoder.cache_variables(batch)
+            self._step = self.decoder.bound_step(self._caches)
         for variable, value in zip(self._caches, caches, strict=True):
             variable.assign(value)
         return logits[:, -1].numpy()

@@ -68,6 +68,16 @@ def test_step_in_place_equals_step_and_writes_only_row_pos(model: keras.Model) -
         np.testing.assert_allclose(variable.numpy(), after.numpy(), atol=ATOL)  # row 5 written …
         changed = np.any(variable.numpy() != before.numpy(), axis=tuple(a for a in range(4) if a != axis))
         assert np.flatnonzero(changed).tolist() == [5]  # … and no other row
+    # the bound step (a graph that captures its variables) does the same as step_in_place from here
+    twins = decoder.cache_variables(2)
+    for twin, variable in zip(twins, variables, strict=True):
+        twin.assign(variable)
+    step = decoder.bound_step(twins)
+    np.testing.assert_allclose(step(x[:, 6], 6).numpy(), decoder.step_in_place(x[:, 6], 6, variables).numpy(),
+                               atol=ATOL)
+    assert all(np.array_equal(a.numpy(), b.numpy()) for a, b in zip(twins, variables, strict=True))
+    with pytest.raises(ValueError, match="outside the context"):
+        step(x[:, 6], SHAPE["seq_len"])
 
 
 def test_cached_steps_depend_on_the_cache(model: keras.Model) -> None:
