@@ -252,6 +252,10 @@ class KVCacheDecoder:
             cache[tuple(index)].assign(row)  # a strided-slice assign: writes one row of the variable in place
         return logits
 
+    def _check_position(self, pos: int) -> None:
+        if not 0 <= pos < self.seq_len:
+            raise ValueError(f"position {pos} is outside the context of {self.seq_len}")
+
     # -- public API
     def cache_variables(self, batch: int) -> tuple[tf.Variable, ...]:
         """Zeroed cache variables (K_0, V_0, K_1, V_1, …) for :meth:`step_in_place`, each of length seq_len."""
@@ -267,8 +271,7 @@ class KVCacheDecoder:
 
     def step(self, tokens: np.ndarray | tf.Tensor, pos: int, caches: Caches) -> tuple[tf.Tensor, Caches]:
         """Logits (B, V) of ``tokens`` (B,) at position ``pos`` < seq_len, caches holding positions 0…pos−1."""
-        if not 0 <= pos < self.seq_len:
-            raise ValueError(f"position {pos} is outside the context of {self.seq_len}")
+        self._check_position(pos)
         return self._step(tf.convert_to_tensor(tokens, tf.int32), tf.constant(pos, tf.int32), caches)
 
     def bound_step(self, caches: tuple[tf.Variable, ...]) -> Callable[[np.ndarray | tf.Tensor, int], tf.Tensor]:
@@ -278,8 +281,7 @@ class KVCacheDecoder:
         graph = tf.function(lambda tokens, pos: self._step_in_place_impl(tokens, pos, caches))
 
         def step(tokens: np.ndarray | tf.Tensor, pos: int) -> tf.Tensor:
-            if not 0 <= pos < self.seq_len:
-                raise ValueError(f"position {pos} is outside the context of {self.seq_len}")
+            self._check_position(pos)
             return graph(tf.convert_to_tensor(tokens, tf.int32), tf.constant(pos, tf.int32))
 
         return step
@@ -289,8 +291,7 @@ class KVCacheDecoder:
 
         Same maths; faster for generation: the compiled step only reads the caches, and the new key/value rows
         are then written into the variables in place, instead of copying every cache per token."""
-        if not 0 <= pos < self.seq_len:
-            raise ValueError(f"position {pos} is outside the context of {self.seq_len}")
+        self._check_position(pos)
         return self._step_in_place(tf.convert_to_tensor(tokens, tf.int32), tf.constant(pos, tf.int32), caches)
 
 
