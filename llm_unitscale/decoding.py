@@ -33,8 +33,8 @@ cache, instead of O(depth·T·width² + depth·T²·width) for a full forward pa
 one ``tf.function`` with static shapes (compiled by XLA by default), traced once per batch size. It only *reads*
 the caches (the unit-scaled attention of the new row is :func:`ops.cached_attention`: the cache rows plus the new
 key, without writing it in); the new keys and values are then written into cache *variables* one row at a time
-(:meth:`KVCacheDecoder.step_in_place`; :class:`IncrementalDecoder` uses it through
-:meth:`KVCacheDecoder.bound_step`, whose graph captures the variables). Returning updated cache tensors
+(:meth:`KVCacheDecoder.bound_step`, used by :class:`IncrementalDecoder`: one graph that captures those
+variables). Returning updated cache tensors
 instead would copy every cache per token (XLA inserts a copy even when a variable could be updated in place):
 measured ≈ 1 ms of a ≈ 5 ms step at the medium shape.
 """
@@ -210,7 +210,6 @@ class KVCacheDecoder:
         self._prefill = tf.function(self._prefill_impl, reduce_retracing=True)
         self._rows = tf.function(self._rows_impl, jit_compile=jit_compile)
         self._step = tf.function(self._step_impl)
-        self._step_in_place = tf.function(self._step_in_place_impl)
 
     # -- the two graphs
     def _logits(self, x: tf.Tensor) -> tf.Tensor:
@@ -258,7 +257,7 @@ class KVCacheDecoder:
 
     # -- public API
     def cache_variables(self, batch: int) -> tuple[tf.Variable, ...]:
-        """Zeroed cache variables (K_0, V_0, K_1, V_1, …) for :meth:`step_in_place`, each of length seq_len."""
+        """Zeroed cache variables (K_0, V_0, K_1, V_1, …) for :meth:`bound_step`, each of length seq_len."""
         return tuple(tf.Variable(tf.zeros(block.cache_shape(batch, self.seq_len), self.cache_dtype), trainable=False)
                      for block in self.blocks for _ in ("keys", "values"))
 
@@ -275,9 +274,12 @@ class KVCacheDecoder:
         return self._step(tf.convert_to_tensor(tokens, tf.int32), tf.constant(pos, tf.int32), caches)
 
     def bound_step(self, caches: tuple[tf.Variable, ...]) -> Callable[[np.ndarray | tf.Tensor, int], tf.Tensor]:
-        """:meth:`step_in_place` for these cache variables, as ``step(tokens, pos) → logits``: one graph that
-        captures the variables. Passing 12 variables as ``tf.function`` arguments costs Python time on every
-        call (measured 4.2–5.7 vs 3.6–4.4 ms per step at the medium shape, interleaved)."""
+        """:meth:`step` on these cache *variables*, updated in place: ``step(tokens, pos) → logits``.
+
+        Same maths; faster for generation: the compiled step only reads the caches and the new key/value rows
+        are then written into the variables, instead of copying every cache per token; and the graph captures
+        the variables, as passing 12 variables as ``tf.function`` arguments costs Python time on every call
+        (measured 4.2–5.7 vs 3.6–4.4 ms per step at the medium shape, interleaved)."""
         graph = tf.function(lambda tokens, pos: self._step_in_place_impl(tokens, pos, caches))
 
         def step(tokens: np.ndarray | tf.Tensor, pos: int) -> tf.Tensor:
@@ -285,14 +287,6 @@ class KVCacheDecoder:
             return graph(tf.convert_to_tensor(tokens, tf.int32), tf.constant(pos, tf.int32))
 
         return step
-
-    def step_in_place(self, tokens: np.ndarray | tf.Tensor, pos: int, caches: tuple[tf.Variable, ...]) -> tf.Tensor:
-        """:meth:`step` on cache *variables* (:meth:`cache_variables`), updated in place; returns the logits.
-
-        Same maths; faster for generation: the compiled step only reads the caches, and the new key/value rows
-        are then written into the variables in place, instead of copying every cache per token."""
-        self._check_position(pos)
-        return self._step_in_place(tf.convert_to_tensor(tokens, tf.int32), tf.constant(pos, tf.int32), caches)
 
 
 class IncrementalDecoder:
