@@ -105,24 +105,27 @@ class _UnitBlock:
             h = tf.cast(self.block.attention_norm(h), dtype)
             q, k, v = (self._split(ops.dense(h, kernels[i], biases[i])) for i in range(3))
             if key_cache is None:
-                o = ops.attention(q, k, v, causal=self.causal)
+                o = ops.attention(q, k, v, causal=self.causal, rule=attention.attention_rule)
             elif fp8_enabled():  # simulated FP8 rounds attention's own operands: ops.attention on the written cache
                 visible = tf.range(key_cache.shape[self.seq_axis]) <= pos  # keys 0…pos
                 o = ops.attention(q, _write(key_cache, k, pos, self.seq_axis), _write(value_cache, v, pos, self.seq_axis),
-                                  causal=self.causal, padding_mask=visible[None, :])
+                                  causal=self.causal, padding_mask=visible[None, :], rule=attention.attention_rule)
             else:
                 cached = tf.range(key_cache.shape[self.seq_axis]) < pos  # rows 0…pos−1
-                o = ops.cached_attention(q, key_cache, value_cache, k, v, cached)
+                o = ops.cached_attention(q, key_cache, value_cache, k, v, cached, attention.attention_rule)
             kv.extend((k, v))
             o = tf.transpose(o, [0, 2, 1, 3])
             shape = tf.shape(o)
-            return ops.dense(tf.reshape(o, [shape[0], shape[1], self.width]), kernels[3], biases[3])
+            o = tf.reshape(o, [shape[0], shape[1], self.width])
+            if attention.output_gain:
+                o = o * tf.cast(attention.gain.value, dtype)
+            return ops.dense(o, kernels[3], biases[3])
 
         def mlp_branch(h: tf.Tensor) -> tf.Tensor:
             return self.block.mlp(self.block.mlp_norm(h))
 
         x = ops.residual_add(x, attention_branch, self.block.tau)
-        x = ops.residual_add(x, mlp_branch, self.block.tau)
+        x = ops.residual_add(x, mlp_branch, self.block.mlp_tau)
         return x, kv[0], kv[1]
 
 

@@ -290,6 +290,9 @@ class UnitMultiHeadAttention(keras.layers.Layer):
 
     Weights: query/key/value/output kernels (width, width) as in Keras's ``MultiHeadAttention`` (one per
     projection), biases optional. ``call(x, padding_mask=None)``; padding_mask (B, T) is True for real tokens.
+    attention_rule: how each head's output is brought to unit scale (:func:`ops.attention_output`); a saved
+    layer without the key is from a version that always used "sqrt_n", and loads with it. output_gain: a
+    learnable per-channel gain on the heads' outputs (see :func:`ops.multi_head_attention`).
     """
 
     def __init__(
@@ -298,13 +301,19 @@ class UnitMultiHeadAttention(keras.layers.Layer):
         causal: bool = True,
         use_bias: bool = True,
         kernel_constraint: Any = _DEFAULT,
+        attention_rule: str = "norm",
+        output_gain: bool = False,
         **kwargs: Any,
     ):
         super().__init__(**kwargs)
+        if attention_rule not in ops.ATTENTION_RULES:
+            raise ValueError(f"attention_rule must be one of {ops.ATTENTION_RULES}, got {attention_rule!r}")
         self.num_heads = int(num_heads)
         self.causal = causal
         self.use_bias = use_bias
         self.kernel_constraint = _constraint(kernel_constraint)
+        self.attention_rule = attention_rule
+        self.output_gain = bool(output_gain)
 
     def build(self, x_shape: tuple, padding_mask_shape: tuple | None = None) -> None:
         width = int(x_shape[-1])
@@ -315,11 +324,15 @@ class UnitMultiHeadAttention(keras.layers.Layer):
             _unit_weight(self, f"{n}_kernel", (width, width), self.kernel_constraint) for n in names
         ]
         self.biases = [_zeros(self, f"{n}_bias", (width,)) for n in names] if self.use_bias else None
+        self.gain = (self.add_weight(name="output_gain", shape=(width,), initializer="ones")
+                     if self.output_gain else None)
 
     def call(self, x: tf.Tensor, padding_mask: tf.Tensor | None = None) -> tf.Tensor:
         kernels = tuple(k.value for k in self.kernels)
         biases = tuple(b.value for b in self.biases) if self.use_bias else None
-        return ops.multi_head_attention(x, kernels, biases, self.num_heads, self.causal, padding_mask)
+        gain = self.gain.value if self.output_gain else None
+        return ops.multi_head_attention(x, kernels, biases, self.num_heads, self.causal, padding_mask,
+                                        self.attention_rule, gain)
 
     def compute_output_shape(self, x_shape: tuple, padding_mask_shape: tuple | None = None) -> tuple:
         return x_shape
@@ -331,7 +344,13 @@ class UnitMultiHeadAttention(keras.layers.Layer):
             "causal": self.causal,
             "use_bias": self.use_bias,
             "kernel_constraint": _ser(self.kernel_constraint),
+            "attention_rule": self.attention_rule,
+            "output_gain": self.output_gain,
         }
+
+    @classmethod
+    def from_config(cls, config: dict) -> UnitMultiHeadAttention:
+        return cls(**{"attention_rule": "sqrt_n", **config})
 
 
 @register
@@ -379,7 +398,8 @@ class UnitMLP(keras.layers.Layer):
 class UnitTransformerBlock(keras.layers.Layer):
     """Pre-norm transformer block: x ← res(x, attn(norm(x))); x ← res(x, mlp(norm(x))), res = ops.residual_add.
 
-    tau: the residual branch weight τ of ``y = (τ·f(x) + x)/√(1+τ²)``.
+    tau: the residual branch weight τ of ``y = (τ·f(x) + x)/√(1+τ²)`` for the attention branch, and for the
+    MLP branch too unless ``mlp_tau`` is given (``ops.residual_taus`` gives both per block from the depth).
     """
 
     def __init__(
@@ -392,6 +412,9 @@ class UnitTransformerBlock(keras.layers.Layer):
         kernel_constraint: Any = _DEFAULT,
         norm: str = "rms",
         use_bias: bool = False,
+        mlp_tau: float | None = None,
+        attention_rule: str = "norm",
+        attention_gain: bool = False,
         **kwargs: Any,
     ):
         super().__init__(**kwargs)
@@ -400,6 +423,7 @@ class UnitTransformerBlock(keras.layers.Layer):
         self.num_heads = int(num_heads)
         self.mlp_ratio = int(mlp_ratio)
         self.tau = float(tau)
+        self.mlp_tau = self.tau if mlp_tau is None else float(mlp_tau)
         self.causal = causal
         self.dropout = float(dropout)
         self.norm = norm
@@ -407,8 +431,11 @@ class UnitTransformerBlock(keras.layers.Layer):
         self.kernel_constraint = _constraint(kernel_constraint)
         constraint = _ser(self.kernel_constraint)
         self.attention_norm = _NORMS[norm](name="attention_norm")
+        self.attention_rule = attention_rule
+        self.attention_gain = bool(attention_gain)
         self.attention = UnitMultiHeadAttention(
-            num_heads, causal, use_bias, kernel_constraint=constraint, name="attention"
+            num_heads, causal, use_bias, kernel_constraint=constraint, attention_rule=attention_rule,
+            output_gain=attention_gain, name="attention",
         )
         self.mlp_norm = _NORMS[norm](name="mlp_norm")
         self.mlp = UnitMLP(mlp_ratio, use_bias=use_bias, kernel_constraint=constraint, name="mlp")
@@ -427,7 +454,7 @@ class UnitTransformerBlock(keras.layers.Layer):
             return ops.dropout(self.mlp(self.mlp_norm(h)), self.dropout, training, self.seed_generator)
 
         x = ops.residual_add(x, attention_branch, self.tau)
-        return ops.residual_add(x, mlp_branch, self.tau)
+        return ops.residual_add(x, mlp_branch, self.mlp_tau)
 
     def compute_output_shape(self, x_shape: tuple, padding_mask_shape: tuple | None = None) -> tuple:
         return x_shape
@@ -438,12 +465,19 @@ class UnitTransformerBlock(keras.layers.Layer):
             "num_heads": self.num_heads,
             "mlp_ratio": self.mlp_ratio,
             "tau": self.tau,
+            "mlp_tau": self.mlp_tau,
             "causal": self.causal,
             "dropout": self.dropout,
             "kernel_constraint": _ser(self.kernel_constraint),
             "norm": self.norm,
             "use_bias": self.use_bias,
+            "attention_rule": self.attention_rule,
+            "attention_gain": self.attention_gain,
         }
+
+    @classmethod
+    def from_config(cls, config: dict) -> UnitTransformerBlock:
+        return cls(**{"attention_rule": "sqrt_n", **config})  # saved before the rule was an option
 
 
 @register

@@ -20,7 +20,7 @@ import keras
 import tensorflow as tf
 
 from llm_unitscale import layers as unit
-from llm_unitscale import precision
+from llm_unitscale import ops, precision
 
 TASKS = ("lm", "classify")
 ARCHS = ("transformer", "cnn", "mlp")
@@ -82,18 +82,26 @@ def build_model(
     num_classes: int | None = None,
     unit_scaling: bool = True,
     dropout: float = 0.0,
-    tau: float = 0.5,
+    tau: float | None = 0.5,
     mlp_ratio: int = 4,
     kernel_size: int = 3,
     pool_size: int = 3,
     window: int = 5,
     constraint: str | None = "rms",
     name: str | None = None,
+    residual_mult: float = 1.0,
+    attention_ratio: float = 1.0,
+    attention_rule: str = "norm",
+    attention_gain: bool = False,
 ) -> keras.Model:
     """Build an uncompiled model mapping ids (B, T) to logits; see the module docstring for the archs.
 
     seq_len is the longest context (the position table's size); inputs may be shorter. constraint: the
     UnitScaling norm on every kernel and embedding table ("rms", "l2") or None; ignored by the baseline.
+    tau: one residual branch weight for every branch, or None for the depth-aware rule of
+    ``ops.residual_taus(depth, residual_mult, attention_ratio)`` (unit-scaled transformer only).
+    attention_rule: how attention outputs are brought to unit scale (``ops.attention_output``); attention_gain: a
+    learnable gain on the heads' outputs (``ops.multi_head_attention``).
     """
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
@@ -107,7 +115,7 @@ def build_model(
     if arch == "transformer" and width % heads:
         raise ValueError(f"width {width} must be divisible by heads {heads}")
     outputs = vocab_size if task == "lm" else num_classes
-    kit = _UnitKit(constraint) if unit_scaling else _StockKit()
+    kit = _UnitKit(constraint, attention_rule, attention_gain) if unit_scaling else _StockKit()
     ids = keras.Input(shape=(None,), dtype="int32", name="token_ids")
     mask = keras.ops.not_equal(ids, 0) if task == "classify" else None
     x = kit.embedding(vocab_size, width)(ids)
@@ -115,8 +123,9 @@ def build_model(
     if arch == "transformer":
         x = kit.position(seq_len)(x)
         x = kit.dropout(dropout)(x)
-        for i in range(depth):
-            x = kit.block(heads, mlp_ratio, tau, task == "lm", dropout, f"block_{i}")(x, mask)
+        taus = ops.residual_taus(depth, residual_mult, attention_ratio) if tau is None else [(tau, tau)] * depth
+        for i, block_taus in enumerate(taus):
+            x = kit.block(heads, mlp_ratio, block_taus, task == "lm", dropout, f"block_{i}")(x, mask)
         x = kit.norm()(x)
         if task == "classify":
             x = kit.pool("average", None)(x, mask)
@@ -150,7 +159,9 @@ def is_unit_scaled(model: keras.Model) -> bool:
 class _UnitKit:
     """Factories for the unit-scaled model's layers."""
 
-    def __init__(self, constraint: str | None):
+    def __init__(self, constraint: str | None, attention_rule: str = "norm", attention_gain: bool = False):
+        self.attention_rule = attention_rule
+        self.attention_gain = attention_gain
         self.kernel_constraint = None if constraint is None else unit.UnitScaling(norm=constraint)
         self.table_constraint = None if constraint is None else unit.UnitScaling(norm=constraint, axis=-1)
 
@@ -163,8 +174,10 @@ class _UnitKit:
     def dropout(self, rate: float) -> keras.layers.Layer:
         return unit.UnitDropout(rate) if rate else keras.layers.Identity()
 
-    def block(self, heads: int, ratio: int, tau: float, causal: bool, rate: float, name: str) -> Any:
-        layer = unit.UnitTransformerBlock(heads, ratio, tau, causal, rate, self.kernel_constraint, name=name)
+    def block(self, heads: int, ratio: int, taus: tuple[float, float], causal: bool, rate: float, name: str) -> Any:
+        layer = unit.UnitTransformerBlock(heads, ratio, taus[0], causal, rate, self.kernel_constraint,
+                                          mlp_tau=taus[1], attention_rule=self.attention_rule,
+                                          attention_gain=self.attention_gain, name=name)
         return lambda x, mask: layer(x, padding_mask=mask)
 
     def norm(self) -> keras.layers.Layer:
@@ -209,7 +222,7 @@ class _StockKit:
     def dropout(self, rate: float) -> keras.layers.Layer:
         return keras.layers.Dropout(rate) if rate else keras.layers.Identity()
 
-    def block(self, heads: int, ratio: int, tau: float, causal: bool, rate: float, name: str) -> Any:
+    def block(self, heads: int, ratio: int, taus: tuple[float, float], causal: bool, rate: float, name: str) -> Any:
         def apply(x: Any, mask: Any) -> Any:
             width = int(x.shape[-1])
             drop = keras.layers.Dropout(rate, name=f"{name}_dropout")

@@ -25,8 +25,9 @@ Low precision: every matmul here (dense, readout, conv1d, both attention matmuls
 ``precision.fp8_matmul_inputs`` (E4M3, straight-through) and its output through ``precision.fp8_matmul_output``
 (E5M2 gradient). Both are no-ops unless simulated FP8 is on at trace time (``precision.set_fp8``); the rounding
 rules live in :mod:`llm_unitscale.precision`. The operands are rounded at unit scale, *before* α is applied
-(α·(q(x)·q(W)) is an FP8 matmul with a fixed output scale); attention rounds n·softmax (unit scale), not the
-probabilities (≈1/n, at the bottom of E4M3's range).
+(α·(q(x)·q(W)) is an FP8 matmul with a fixed output scale); attention rounds the probabilities times a power of
+two known from n (:func:`fp8_prob_scale`), never the bare probabilities (≈1/n, below E4M3's range at long
+context) nor n·softmax (a peaked row reaches n, which saturates E4M3 at n > 448).
 """
 
 from __future__ import annotations
@@ -122,6 +123,39 @@ def scale_fwd(x: tf.Tensor, fwd: Scale) -> tf.Tensor:
 def scale_bwd(x: tf.Tensor, bwd: Scale) -> tf.Tensor:
     """Forward identity, gradient ``bwd·g``."""
     return scaled(x, 1.0, bwd)
+
+
+class LateScale:
+    """A backward scale that the forward pass computes *after* the op whose gradient it scales.
+
+    Every backward pass runs after its whole forward pass, so an op early in the forward pass may multiply its
+    gradient by a value that a later op sets: ``late = LateScale(); y = scale_bwd_late(x, late); …;
+    late.set(value)``. The value is taken as a constant (no gradient flows into it).
+    """
+
+    def __init__(self) -> None:
+        self.value: tf.Tensor | None = None
+
+    def set(self, value: tf.Tensor) -> None:
+        self.value = tf.stop_gradient(value)
+
+
+def scale_bwd_late(x: tf.Tensor, late: LateScale, inverse: bool = False) -> tf.Tensor:
+    """Forward identity, gradient ``v·g`` (``g/v`` with ``inverse``), v = ``late.value`` set later in the forward."""
+    if _EXACT_GRADIENTS:
+        return x
+
+    @tf.custom_gradient
+    def _late(t: tf.Tensor) -> tuple[tf.Tensor, Callable]:
+        def grad(g: tf.Tensor) -> tf.Tensor:
+            if late.value is None:
+                raise RuntimeError("a LateScale was used in a backward pass but never set in the forward pass")
+            value = tf.cast(late.value, g.dtype)
+            return g / value if inverse else g * value
+
+        return tf.identity(t), grad
+
+    return _late(x)
 
 
 def rows(x: tf.Tensor) -> int | tf.Tensor:
@@ -470,6 +504,36 @@ def residual_add(x: tf.Tensor, branch: Callable[[tf.Tensor], tf.Tensor], tau: fl
     return scale_fwd(f, a) + _mul(x, b)
 
 
+def residual_taus(depth: int, residual_mult: float = 1.0, attention_ratio: float = 1.0) -> list[tuple[float, float]]:
+    """Depth-aware residual weights (τ_attention, τ_mlp) for each of ``depth`` pre-norm blocks (u-μP, App. G).
+
+    Branch k of the 2·depth branches (attention, MLP, attention, …) is added as y = (x + τ_k·f_k)/√(1+τ_k²).
+    Give branch k the variance weight c_k² (c_mlp = m·√(2/(1+r²)), c_attn = r·c_mlp, with m = residual_mult,
+    r = attention_ratio) and the embedding the weight L = depth; then
+
+        τ_k = c_k / √(L + Σ_{j<k} c_j²)
+
+    keeps every earlier term's *share* of the stream fixed when branch k is added. At the top the embedding's
+    share is 1/(1 + c_attn² + c_mlp²) = 1/(1 + 2m²) for every depth (1/3 at m = 1), and each branch's is
+    c_k²/(L·(1 + 2m²)): the shares of the embedding, of all attention and of all MLP branches are independent of
+    depth, and each branch's τ falls as L^-½, the depth-μP branch multiplier (which is what the depth^-½
+    learning-rate factor of ``optimizers.umup_multipliers`` assumes). r < 1 weights attention below the MLPs.
+    A fixed τ instead gives the embedding a share of (1+τ²)^-2L: 0.17 at depth 4, 0.005 at depth 12 for τ = ½.
+    """
+    if depth < 1:
+        raise ValueError(f"depth must be >= 1, got {depth}")
+    c_mlp = residual_mult * math.sqrt(2.0 / (1.0 + attention_ratio**2))
+    c_attn = attention_ratio * c_mlp
+    weight, taus = float(depth), []
+    for _ in range(depth):
+        tau_attn = c_attn / math.sqrt(weight)
+        weight += c_attn**2
+        tau_mlp = c_mlp / math.sqrt(weight)
+        weight += c_mlp**2
+        taus.append((tau_attn, tau_mlp))
+    return taus
+
+
 def add(a: tf.Tensor, b: tf.Tensor) -> tf.Tensor:
     """Sum of two independent unit tensors, ``2^-½·(a + b)`` both ways (exact)."""
     return (a + b) * math.sqrt(0.5)
@@ -494,6 +558,52 @@ def attention_grad_scale(head_dim: int) -> float:
     return math.sqrt(head_dim)
 
 
+#: How attention's output is brought to unit scale (:func:`attention`): "norm" (default), "sqrt_n", "none".
+ATTENTION_RULES = ("norm", "sqrt_n", "none")
+#: Largest power of two that n·softmax is scaled to before E4M3 rounding: a one-hot row stays below 448.
+_FP8_PROB_SCALE_MAX = 256.0
+
+
+def attention_output(o: tf.Tensor, count: tf.Tensor, rule: str = "norm", epsilon: float = 1e-6) -> tf.Tensor:
+    """Bring o = Σ_j p_j·v_j, the attention output of one head at one query position, to unit scale.
+
+    A convex combination of values has variance Σ_ij p_i p_j C_ij, where C is the covariance of the values.
+    For independent unit values that is Σ_j p_j², which is 1/n for the flat attention of a fresh model (n = the
+    keys the query may see), hence the classic √n rule ("sqrt_n"). But from the second block on, the values
+    of different positions are correlated — they carry earlier attention outputs, averages over shared prefixes
+    — and the variance becomes ρ + (1−ρ)/n: √n then amplifies by up to √(1 + nρ) (measured at init: residual RMS
+    2.6 after 4 blocks at T = 64 and 15 at T = 2048), and the attention branch drowns its residual stream. No rule
+    on p or n alone can know ρ, so the default measures it:
+
+        "norm"    o / √(mean_d o² + ε)   per head and position: exactly unit at every block, position, length
+                  and attention pattern, at init and during training (a head-wise RMS norm without gain, as in
+                  RetNet and the Differential Transformer); backward: autodiff, exact. At init ∂v_j has
+                  variance Σ_{i≥j} 1/n_i ≈ ln(T/j), RMS ≈ 1 over j.
+        "sqrt_n"  √n·o: unit for independent values only (the rule of earlier versions; old models keep it).
+        "none"    o: stock attention (RMS √Σp², about n^-½ at init): not unit-scaled, for comparison only.
+
+    count: n per query position, broadcastable to o's (…, T, 1).
+    """
+    if rule == "norm":
+        return o * tf.math.rsqrt(tf.reduce_mean(tf.square(o), axis=-1, keepdims=True) + epsilon)
+    if rule == "sqrt_n":
+        return o * tf.sqrt(count)
+    if rule == "none":
+        return o
+    raise ValueError(f"attention rule must be one of {ATTENTION_RULES}, got {rule!r}")
+
+
+def fp8_prob_scale(count: tf.Tensor) -> tf.Tensor:
+    """The power of two s = 2^min(⌊log2 n⌋, 8) by which probabilities are multiplied before E4M3 rounding.
+
+    A flat row (p = 1/n) becomes s/n ∈ (½, 1] for n ≤ 256 and ≥ 2^-6 (E4M3's smallest normal) for n ≤ 16384; a
+    one-hot row becomes s ≤ 256 < 448 (E4M3's largest value) at every length. s depends only on n, not on data,
+    and multiplying by a power of two is exact.
+    """
+    exponent = tf.minimum(tf.floor(tf.math.log(count) / math.log(2.0)), math.log2(_FP8_PROB_SCALE_MAX))
+    return tf.pow(tf.constant(2.0, count.dtype), exponent)
+
+
 def attention(
     q: tf.Tensor,
     k: tf.Tensor,
@@ -501,20 +611,31 @@ def attention(
     causal: bool = True,
     padding_mask: tf.Tensor | None = None,
     qk_grad_scale: float = 1.0,
+    rule: str = "norm",
+    qk_grad: LateScale | None = None,
 ) -> tf.Tensor:
     """Unit-scaled scaled-dot-product attention on (B, H, T, d) tensors.
 
-    forward  o_i = √n_i · Σ_j softmax_j(q_i·k_jᵀ/d + mask)·v_j, where n_i is the number of keys query i may see
-             (i+1 when causal; valid keys with a padding mask). Averaging n_i near-independent unit vectors
-             has RMS n_i^-½, so √n_i keeps every position at unit scale. Unlike a single s = √(S/H_S), this
-             does not depend on the sequence length: a cached, token-by-token decode gives the same outputs.
-    backward exact for v (same √n_i); ∂q and ∂k are exact times ``qk_grad_scale`` (see
-             :func:`attention_grad_scale`; 1 leaves the op exact).
+    forward  o_i = unit(Σ_j softmax_j(q_i·k_jᵀ/d + mask)·v_j), with ``unit`` = :func:`attention_output`'s
+             ``rule`` and n_i the number of keys query i may see (i+1 when causal; valid keys with a padding
+             mask). Every rule is per position, so a cached, token-by-token decode gives the same outputs.
+    backward exact for v; ∂q and ∂k are exact times ``qk_grad_scale`` (see :func:`attention_grad_scale`; 1 leaves
+             the op exact) — or, with ``qk_grad`` (rule "norm"), times c = ``qk_grad_scale``·f̄, set into
+             ``qk_grad`` so that the caller can divide its input gradient by the same c (:func:`multi_head_attention`).
+             f̄ = mean_i r_i/√Σ_j p_ij², r_i = the output RMS that "norm" divides by: √Σp² is what r_i would be for
+             independent values, and when the values are correlated the norm divides by a larger r_i and every
+             gradient reaching p shrinks by that ratio (measured at init, depth 12, T = 512: q/k weight gradients
+             0.15–0.4 after block 0 without f̄, 1.3–1.5 with it).
     The 1/d logit scale (u-μP) rather than 1/√d keeps attention near-uniform at init for any width.
+    Simulated FP8: q and k are rounded at unit scale; the probabilities are rounded after scaling by
+    :func:`fp8_prob_scale` (never saturating, whatever the length), and the product divided by it again.
     """
     head_dim = int(q.shape[-1])
-    q = scale_bwd(q, qk_grad_scale)
-    k = scale_bwd(k, qk_grad_scale)
+    adapt = qk_grad is not None and rule == "norm" and not _EXACT_GRADIENTS
+    if adapt:
+        q, k = scale_bwd_late(q, qk_grad), scale_bwd_late(k, qk_grad)
+    else:
+        q, k = scale_bwd(q, qk_grad_scale), scale_bwd(k, qk_grad_scale)
     q, k = fp8_matmul_inputs(q, k)
     scores = fp8_matmul_output(tf.matmul(q, k, transpose_b=True) * (1.0 / head_dim))
     t_q, t_k = tf.shape(q)[2], tf.shape(k)[2]
@@ -536,21 +657,34 @@ def attention(
         scores = tf.where(visible, scores, tf.cast(scores.dtype.min, scores.dtype) * 0.5)
         probs = tf.nn.softmax(scores, axis=-1)
         count = tf.maximum(tf.reduce_sum(tf.cast(visible, scores.dtype), axis=-1, keepdims=True), 1.0)
-    if fp8_enabled():  # E4M3 operands at unit scale: n·softmax (the unit-scaled softmax), then n^-½ = √n/n
-        probs, v = fp8_matmul_inputs(probs * count, v)
-        return fp8_matmul_output(tf.matmul(probs, v) * tf.math.rsqrt(count))
-    return tf.matmul(probs, v) * tf.sqrt(count)
+    if fp8_enabled():
+        s = fp8_prob_scale(count)
+        probs_q, v = fp8_matmul_inputs(probs * s, v)
+        o = fp8_matmul_output(tf.matmul(probs_q, v)) / s
+    else:
+        o = tf.matmul(probs, v)
+    if adapt:
+        independent = tf.sqrt(tf.reduce_sum(tf.square(probs), axis=-1, keepdims=True))
+        actual = tf.sqrt(tf.reduce_mean(tf.square(o), axis=-1, keepdims=True) + 1e-6)
+        qk_grad.set(qk_grad_scale * tf.reduce_mean(actual / independent))
+    return attention_output(o, count, rule)
 
 
 def cached_attention(
-    q: tf.Tensor, k_cache: tf.Tensor, v_cache: tf.Tensor, k_new: tf.Tensor, v_new: tf.Tensor, cached: tf.Tensor
+    q: tf.Tensor,
+    k_cache: tf.Tensor,
+    v_cache: tf.Tensor,
+    k_new: tf.Tensor,
+    v_new: tf.Tensor,
+    cached: tf.Tensor,
+    rule: str = "norm",
 ) -> tf.Tensor:
     """:func:`attention` for one new query row over a key/value cache plus its own key, for decoding (forward only).
 
     q, k_new, v_new: (B, H, 1, d), the new position p; k_cache, v_cache: (B, H, S, d); cached: (S,) bool, the
     cache rows that hold earlier positions (0…p−1). The keys are those rows and the new one, n = p + 1:
 
-        o = √n · Σ_j softmax_j(q·k_j/d) · v_j
+        o = unit(Σ_j softmax_j(q·k_j/d) · v_j)          (``unit`` = :func:`attention_output` with ``rule``)
 
     — row p of :func:`attention`'s causal output, computed without writing k_new, v_new into the cache (a
     cache-sized select per layer would cost more than this attention). No simulated FP8 (see ``decoding``).
@@ -562,7 +696,7 @@ def cached_attention(
     probs = tf.nn.softmax(tf.concat([old, new], axis=-1), axis=-1)
     count = tf.reduce_sum(tf.cast(cached, q.dtype)) + 1.0
     o = tf.matmul(probs[..., :-1], v_cache) + probs[..., -1:] * v_new
-    return o * tf.sqrt(count)
+    return attention_output(o, count, rule)
 
 
 def multi_head_attention(
@@ -572,30 +706,45 @@ def multi_head_attention(
     num_heads: int,
     causal: bool = True,
     padding_mask: tf.Tensor | None = None,
+    rule: str = "norm",
+    output_gain: tf.Tensor | None = None,
 ) -> tf.Tensor:
-    """Self-attention block: q, k, v = dense(x); o = dense(concat_heads(attention(q, k, v))).
+    """Self-attention block: q, k, v = dense(x); o = dense(γ ⊙ concat_heads(attention(q, k, v))) (``rule``: see
+    :func:`attention_output`; γ = ``output_gain``, one per channel, or none).
 
-    Scale trade inside the branch: attention multiplies ∂q, ∂k by c = √d_head so the q/k weight gradients are
-    unit, and the q/k projections take β_x = width^-½ / c, so the gradient reaching x is exact.
+    γ (starting at 1) gives the branch back a learnable magnitude: the "norm" rule fixes each head's output
+    RMS at 1 and the output kernel's columns are held at unit RMS, so without γ the attention branch adds the
+    same amount to the residual stream whatever it has learned. ∂γ = N^-½·Σ_rows o ⊙ g, as a norm gain.
+
+    Scale trade inside the branch: attention multiplies ∂q, ∂k by c (= √d_head, times f̄ under the "norm" rule:
+    see :func:`attention`) so the q/k weight gradients are unit, and the q/k projections' input gradients are
+    divided by the same c, so the gradient reaching x is exact.
     """
     wq, wk, wv, wo = kernels
     bq, bk, bv, bo = biases if biases is not None else (None,) * 4
     width = int(wq.shape[1])
     head_dim = width // num_heads
     c = 1.0 if _EXACT_GRADIENTS else attention_grad_scale(head_dim)
-    beta_qk = width**-0.5 / c
 
     def heads(t: tf.Tensor) -> tf.Tensor:
         shape = tf.shape(t)
         return tf.transpose(tf.reshape(t, [shape[0], shape[1], num_heads, head_dim]), [0, 2, 1, 3])
 
-    q = heads(dense(x, wq, bq, grad_input_scale=beta_qk))
-    k = heads(dense(x, wk, bk, grad_input_scale=beta_qk))
+    if rule == "norm" and not _EXACT_GRADIENTS:  # c·f̄, known once attention has run (see attention)
+        qk_grad = LateScale()
+        x_qk = scale_bwd_late(x, qk_grad, inverse=True)
+        q, k = heads(dense(x_qk, wq, bq)), heads(dense(x_qk, wk, bk))
+    else:
+        qk_grad = None
+        q = heads(dense(x, wq, bq, grad_input_scale=width**-0.5 / c))
+        k = heads(dense(x, wk, bk, grad_input_scale=width**-0.5 / c))
     v = heads(dense(x, wv, bv))
-    o = attention(q, k, v, causal=causal, padding_mask=padding_mask, qk_grad_scale=c)
+    o = attention(q, k, v, causal=causal, padding_mask=padding_mask, qk_grad_scale=c, rule=rule, qk_grad=qk_grad)
     o = tf.transpose(o, [0, 2, 1, 3])
     shape = tf.shape(o)
     o = tf.reshape(o, [shape[0], shape[1], width])
+    if output_gain is not None:
+        o = o * scaled(tf.cast(output_gain, o.dtype), 1.0, rsqrt(rows(o)))
     return dense(o, wo, bo)
 
 

@@ -130,17 +130,38 @@ def test_fp8_dense_rounds_operands_and_gradient() -> None:
     np.testing.assert_allclose(plain, x @ (w * 16**-0.5), rtol=1e-5, atol=1e-6)
 
 
-def test_fp8_attention_rounds_unit_scaled_probabilities() -> None:
+def test_fp8_attention_rounds_probabilities_times_a_power_of_two() -> None:
+    """FP8 attention: e4(p·s)·e4(v)/s with s = 2^min(⌊log2 n⌋, 8), then the output rule (sqrt_n here: × √n)."""
     rng = np.random.default_rng(2)
     q, k, v = (tf.constant(rng.standard_normal((1, 1, 8, 4)).astype(np.float32)) for _ in range(3))
     with precision.fp8():
-        got = ops.attention(q, k, v, causal=True).numpy()
+        got = ops.attention(q, k, v, causal=True, rule="sqrt_n").numpy()
     s = _e4(q.numpy()[0, 0]) @ _e4(k.numpy()[0, 0]).T / np.float32(4)
     s = np.where(np.tril(np.ones((8, 8))) > 0, s, -np.inf).astype(np.float32)
     p = tf.nn.softmax(tf.constant(s)).numpy()
     n = np.arange(1, 9)[:, None].astype(np.float32)
-    expect = (_e4(p * n) @ _e4(v.numpy()[0, 0])) / np.sqrt(n)
+    scale = 2.0 ** np.minimum(np.floor(np.log2(n)), 8)
+    expect = (_e4(p * scale) @ _e4(v.numpy()[0, 0])) / scale * np.sqrt(n)
     np.testing.assert_allclose(got[0, 0], expect, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("length", [512, 2048, 8192])
+def test_fp8_attention_does_not_saturate_at_long_context(length: int) -> None:
+    """A one-hot row at n > 448 (the last query picks key 0): FP8 gives v_0 rounded, not 448/n of it; a flat
+    row at n = 8192 does not flush to zero."""
+    d = 8
+    rng = np.random.default_rng(3)
+    k = np.zeros((1, 1, length, d), np.float32)
+    k[0, 0, 0, 0] = 1.0  # only key 0 has a component along the query
+    q = np.zeros((1, 1, length, d), np.float32)
+    q[0, 0, -1, 0] = 400.0 * d  # logit 400 for key 0, 0 for the others: p ≈ 1 on key 0
+    v = rng.standard_normal((1, 1, length, d)).astype(np.float32)
+    with precision.fp8():
+        out = ops.attention(tf.constant(q), tf.constant(k), tf.constant(v), rule="none").numpy()
+    np.testing.assert_allclose(out[0, 0, -1], _e4(v[0, 0, 0]), rtol=0.07, atol=1e-3)
+    flat = out[0, 0, length // 2]  # q = 0 there: attention is exactly flat over n = length/2 + 1 keys
+    expect = v[0, 0, : length // 2 + 1].mean(axis=0)
+    np.testing.assert_allclose(flat, expect, atol=0.005)  # |expect| ≈ 0.03: a flush to 0 or 2^-9 fails
 
 
 def test_stock_layers_under_fp8_are_the_fp8_subclasses() -> None:
