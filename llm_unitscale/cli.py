@@ -151,6 +151,8 @@ def train_parser() -> argparse.ArgumentParser:
                    help="TensorFlow's op determinism (bit-identical reruns on GPU; CPU runs already are)")
     p.add_argument("--checkpoint-every", type=int, default=100, metavar="STEPS",
                    help="save a resumable checkpoint every STEPS steps and at each epoch end (default 100)")
+    p.add_argument("--log-every", type=int, default=0, metavar="STEPS",
+                   help="print step, loss, ms/step and tokens/s every STEPS steps (default 0: every 5 seconds)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
     p.add_argument("--json", action="store_true", help="print one JSON document on stdout")
     p.add_argument("--version", action="version", version=f"llm_unitscale {__version__}")
@@ -186,6 +188,9 @@ def predict_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=DEFAULT_RUN, help=f"run folder (default {DEFAULT_RUN})")
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--generate", type=int, default=0, metavar="N", help="also sample N tokens (lm)")
+    p.add_argument("--stop", default=None, metavar="TEXT",
+                   help='end a continuation before TEXT, e.g. "\\n" (one line) or "\\n\\n" (one paragraph); '
+                   "backslash escapes \\n and \\t are understood (default: write all N tokens, across lines)")
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--seed", type=int, default=0)
@@ -210,7 +215,7 @@ def _predict(args: argparse.Namespace) -> int:
             result = inference.next_tokens(run, s, args.top_k)
             if args.generate:
                 result["continuation"] = inference.generate(
-                    run, s, args.generate, args.temperature, args.top_p, args.seed
+                    run, s, args.generate, args.temperature, args.top_p, args.seed, stop=_unescape(args.stop)
                 )
             results.append(result)
         lines = []
@@ -229,6 +234,22 @@ def _predict(args: argparse.Namespace) -> int:
             lines.append(f"{r['label']} ({r['prob']:.3f})\t{r['input']}" + (f"\t[{others}]" if others else ""))
     _emit(args, {"task": run.task, "model": str(run.path), "results": results}, "\n".join(lines))
     return 0
+
+
+def _unescape(text: str | None) -> str | None:
+    """``--stop`` as typed in a shell: the two characters backslash-n are a line break (and \\t a tab)."""
+    if text is None:
+        return None
+    escapes = {"n": "\n", "t": "\t", "\\": "\\"}
+    out, i = [], 0
+    while i < len(text):
+        if text[i] == "\\" and i + 1 < len(text) and text[i + 1] in escapes:
+            out.append(escapes[text[i + 1]])
+            i += 2
+        else:
+            out.append(text[i])
+            i += 1
+    return "".join(out) or None
 
 
 def predict_main(argv: list[str] | None = None) -> int:

@@ -25,14 +25,20 @@ def encode_prompt(run: Run, text: str) -> tuple[list[int], list[str]]:
     tokens = run.tokenizer.tokenize(text)
     if not text.strip() or not tokens:
         raise InputError(f"empty input sentence {text!r}: nothing to predict from")
-    ids = run.vocab.encode(tokens)
+    if run.task == "lm":  # line breaks become <eos>, as in training; the text ends mid-line unless it ends in one
+        from llm_unitscale.training import lm_ids
+
+        line_ids = [int(i) for i in lm_ids(run.tokenizer, run.vocab, text)]
+        ids = [run.vocab.eos_id, *(line_ids if text.endswith("\n") else line_ids[:-1])]
+    else:
+        ids = run.vocab.encode(tokens)
     notes = []
-    unknown = sum(i == run.vocab.unk_id for i in ids)
-    if unknown == len(ids):
+    words = [i for i in ids if i != run.vocab.eos_id]
+    unknown = sum(i == run.vocab.unk_id for i in words)
+    if unknown == len(words):
         notes.append("every word of the input is unknown to the model; the prediction is a guess from context alone")
     elif unknown:
-        notes.append(f"{unknown} of {len(ids)} input tokens are unknown to the model")
-    ids = [run.vocab.eos_id, *ids] if run.task == "lm" else ids
+        notes.append(f"{unknown} of {len(words)} input tokens are unknown to the model")
     if len(ids) > run.seq_len:
         notes.append(f"input has {len(ids)} tokens, longer than the context of {run.seq_len}: kept the last {run.seq_len}"
                      if run.task == "lm" else
@@ -81,8 +87,12 @@ def generate(
     top_p: float = 1.0,
     seed: int = 0,
     cached: bool | None = None,
+    stop: str | None = None,
 ) -> str:
-    """Sample up to ``steps`` tokens after ``text`` (stopping at end of line); returns the continuation text.
+    """Sample ``steps`` tokens after ``text``; returns the continuation text, ``<eos>`` written as a line break.
+
+    stop: end the continuation just before the first occurrence of this string (e.g. ``"\\n"`` for one line,
+    ``"\\n\\n"`` for one paragraph); None = always ``steps`` tokens.
 
     cached: decode transformer language models incrementally with a key/value cache
     (:class:`llm_unitscale.decoding.IncrementalDecoder`: same logits as the full pass over the last seq_len
@@ -105,10 +115,24 @@ def generate(
         probs = softmax(logits)
         probs[[run.vocab.pad_id, run.vocab.bos_id, run.vocab.unk_id]] = 0.0
         token = sample(probs / probs.sum(), rng, temperature, top_p)
-        if token == run.vocab.eos_id:
-            break
         new.append(token)
-    return run.tokenizer.detokenize(run.vocab.decode(new))
+        if stop and stop in decode_lines(run, new):
+            break
+    text_out = decode_lines(run, new)
+    return text_out[: text_out.index(stop)] if stop and stop in text_out else text_out
+
+
+def decode_lines(run: Run, ids: list[int]) -> str:
+    """Text of generated ids: each ``<eos>`` is a line break, the pieces between them are detokenized."""
+    lines, current = [], []
+    for i in ids:
+        if i == run.vocab.eos_id:
+            lines.append(current)
+            current = []
+        else:
+            current.append(i)
+    lines.append(current)
+    return "\n".join(run.tokenizer.detokenize(run.vocab.decode(line)) for line in lines)
 
 
 def classify(run: Run, texts: list[str], top_k: int = 1) -> list[dict]:

@@ -27,6 +27,7 @@ import numpy as np
 from llm_unitscale import checkpoint, runs
 from llm_unitscale import data as data_mod
 from llm_unitscale import precision as precision_mod
+from llm_unitscale.step_log import StepLog
 
 #: Default peak learning rate: unit-scaled vs stock Keras baseline (from the sweep; see the module docstring).
 DEFAULT_LR = {True: 1e-2, False: 1e-3}
@@ -78,6 +79,7 @@ class TrainConfig:
     errors: str = "strict"
     resume: bool = False
     checkpoint_every: int = 100
+    log_every: int = 0  # print a progress line every N steps; 0 = every few seconds (step_log.StepLog)
     deterministic: bool = False
     overwrite: bool = False
     strategy: str = "auto"  # auto | none | mirrored | multiworker (llm_unitscale.distribute)
@@ -97,6 +99,8 @@ class TrainConfig:
         for name, top in limits.items():
             if getattr(self, name) > top:
                 raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)} is too large (at most {top})")
+        if not isinstance(self.log_every, int) or self.log_every < 0:
+            raise ConfigError(f"--log-every must be a number of steps >= 0 (0 = every few seconds), got {self.log_every}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigError(f"--max-steps must be a positive integer, got {self.max_steps}")
         if self.arch == "transformer" and self.width % self.heads:
@@ -150,11 +154,20 @@ def split_tail(text: str, fraction: float) -> tuple[str, str]:
 
 
 def lm_ids(tokenizer: Any, vocab: Any, text: str) -> np.ndarray:
-    """Token ids of a text for language modelling: each line's tokens followed by ``<eos>``."""
+    """Token ids of a text for language modelling: each line's tokens followed by ``<eos>``, the line break.
+
+    In char mode every line break is kept, so an empty line is a lone ``<eos>`` and a model learns paragraphs
+    and verse; in word and jieba mode empty lines are skipped. A final line break ends the last line, it does
+    not start an empty one.
+    """
     ids: list[int] = []
-    for line in text.split("\n"):
+    keep_empty = getattr(tokenizer, "mode", None) == "char"
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    for line in lines:
         tokens = [t for piece in data_mod.line_pieces(line) for t in tokenizer.tokenize(piece)]
-        if tokens:
+        if tokens or keep_empty:
             ids.extend(vocab.encode(tokens))
             ids.append(vocab.eos_id)
     return np.asarray(ids, dtype=np.int32)
@@ -499,7 +512,9 @@ def train(cfg: TrainConfig, log: TextIO = sys.stderr) -> dict:
     state = state or checkpoint.TrainingState()
     checkpoint.restore(model, checkpoints, state)
     saver = checkpoint.ResumableCheckpoint(checkpoints, steps_per_epoch, cfg.checkpoint_every, state)
-    callbacks = [saver, *make_callbacks(cfg, work, throughput, val_ds)]
+    step_log = StepLog(total_steps, tokens_per_step, log, every=cfg.log_every, log_dir=work / "logs",
+                       first_step=state.step)
+    callbacks = [saver, *make_callbacks(cfg, work, throughput, val_ds), step_log]
     print(f"training {config['params']:,} parameters for {total_steps} steps "
           f"({epochs} epochs × {steps_per_epoch}), lr {lr:g}, {cfg.precision}"
           + (f"; resuming at step {state.step}" if state.step else ""), file=log)
@@ -509,7 +524,7 @@ def train(cfg: TrainConfig, log: TextIO = sys.stderr) -> dict:
             stop = done + steps * (end_epoch - initial_epoch)
             model.fit(
                 train_batches(done, stop), validation_data=val_ds, initial_epoch=initial_epoch, epochs=end_epoch,
-                steps_per_epoch=steps, callbacks=callbacks, verbose=1 if log.isatty() else 2,
+                steps_per_epoch=steps, callbacks=callbacks, verbose=2,  # step lines come from StepLog
                 shuffle=False,  # batches are already drawn per step (data.lm_train_batches); Keras would warn
             )
             done = stop
