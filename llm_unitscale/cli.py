@@ -372,8 +372,9 @@ def plot_target(args: argparse.Namespace, run_path: Path, task: str) -> Path | N
         return None
     target = Path(args.plot_file) if args.plot_file else run_path / (
         "confusion.png" if task == "classify" else "position_loss.png")
-    files.check_replaceable(target, files.is_our_png, "a plot written by llm_unitscale",
-                            "remove it or pass another --plot-file")
+    # In the run folder any PNG of that name is an earlier plot (versions before the mark wrote none).
+    ours = files.is_our_png if args.plot_file else files.is_png
+    files.check_replaceable(target, ours, "a plot written by llm_unitscale", "remove it or pass another --plot-file")
     if not target.parent.is_dir():
         raise files.OutputError(f"{target}: cannot write the plot, {target.parent} is not a folder")
     return target

@@ -121,6 +121,15 @@ def png_metadata() -> dict[str, str]:
     return {"Software": f"{PNG_SOFTWARE} {__version__}"}
 
 
+def is_png(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a PNG file (its signature)."""
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(8) == _PNG_SIGNATURE
+    except OSError:
+        return False
+
+
 def is_our_png(path: str | os.PathLike) -> bool:
     """Whether ``path`` is a PNG written by this package (its ``Software`` tEXt chunk; chunk headers only)."""
     try:

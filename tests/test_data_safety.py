@@ -98,6 +98,14 @@ def test_plot_does_not_swallow_the_test_file(lm_run: Path, tmp_path: Path, capsy
     status, _, err = run_main(cli.evaluate_main, "--plot-file", str(test), "--model", str(lm_run), capsys=capsys)
     assert status == 2 and "test.txt: a file that is not a plot written by llm_unitscale" in only_line(err)
     assert test.read_bytes() == before
+    old_plot = b"\x89PNG\r\n\x1a\n an unmarked plot of an earlier version"
+    (lm_run / "position_loss.png").write_bytes(old_plot)  # in the run folder: replaced
+    status, _, _ = run_main(cli.evaluate_main, "--plot", "--model", str(lm_run), capsys=capsys)
+    assert status == 0 and files.is_our_png(lm_run / "position_loss.png")
+    (tmp_path / "theirs.png").write_bytes(old_plot)  # anywhere else: a PNG of someone else's
+    status, _, err = run_main(cli.evaluate_main, "--plot-file", str(tmp_path / "theirs.png"), "--model", str(lm_run),
+                              capsys=capsys)
+    assert status == 2 and "not a plot written by llm_unitscale" in only_line(err)
     png = tmp_path / "curve.png"
     for _ in range(2):  # a new file, then our own plot replaced
         status, out, _ = run_main(cli.evaluate_main, str(test), "--plot-file", str(png), "--model", str(lm_run),
