@@ -87,9 +87,9 @@ def input_problem(path: str | os.PathLike, max_bytes: int | None = None, kind: s
 
     Checked with ``stat`` alone (nothing is opened): ``"no such file"``, ``"a symbolic link loop (too many
     levels of symbolic links)"``, ``"a broken symbolic link (to TARGET)"``, ``"is a directory, not a KIND"``,
-    ``"is 1.0 GB, more than any KIND this package writes (at most 256.0 MB)"`` (regular files only, when
-    ``max_bytes`` is given), ``"cannot read it (permission denied)"`` and the like. FIFOs and character
-    devices pass.
+    ``"cannot read it (permission denied)"`` and the like. FIFOs and character devices pass, unless
+    ``max_bytes`` is given: a file of ours has a size to check, so then only a regular file passes, and only
+    up to ``max_bytes`` (``"is 1.0 GB, more than any KIND this package writes (at most 256.0 MB)"``).
     """
     name = os.fspath(path)
     try:
@@ -107,7 +107,9 @@ def input_problem(path: str | os.PathLike, max_bytes: int | None = None, kind: s
         return f"cannot read it ({(exc.strerror or str(exc)).lower()})"
     if stat.S_ISDIR(info.st_mode):
         return f"is a directory, not a {kind}"
-    if max_bytes is not None and stat.S_ISREG(info.st_mode) and info.st_size > max_bytes:
+    if max_bytes is not None and not stat.S_ISREG(info.st_mode):
+        return f"is not a regular file (a pipe, device or socket), not a {kind}"
+    if max_bytes is not None and info.st_size > max_bytes:
         return (f"is {human_bytes(info.st_size)}, more than any {kind} this package writes (at most "
                 f"{human_bytes(max_bytes)}); not a {kind}?")
     return None

@@ -450,6 +450,11 @@ def test_oversized_vocab_and_config_are_refused_before_reading(lm_run: Path, tmp
         status, _, err = run_main(cli.predict_main, "the cat", "--model", str(copy), capsys=capsys)
         assert status == 2 and time.perf_counter() - started < 2
         assert f"{copy / name}: is {shown}, more than any " in only_line(err) and "this package writes" in err
+    from llm_unitscale.preprocessing.vocabulary import Vocabulary, VocabularyError
+
+    os.mkfifo(tmp_path / "fifo.pkl")  # would block a reader forever
+    with pytest.raises(VocabularyError, match="fifo.pkl: is not a regular file \\(a pipe, device or socket\\)"):
+        Vocabulary.load(tmp_path / "fifo.pkl")
 
 
 def test_a_symbolic_link_loop_has_its_own_message_and_a_fifo_still_reads(tmp_path: Path,
