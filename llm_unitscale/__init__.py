@@ -1,7 +1,9 @@
 """llm_unitscale: unit-scaled language models and text classifiers in TensorFlow/Keras.
 
-Importing the package registers every custom layer, constraint and loss with Keras, so
-``keras.models.load_model("run/model.keras")`` works in a fresh process after ``import llm_unitscale``.
+Importing the package registers every custom layer, constraint, loss and the optimizer (``UnitAdamW``) with
+Keras, so ``keras.models.load_model("run/model.keras")`` works in a fresh process after ``import llm_unitscale``,
+optimizer state included. A Ctrl-C during this import (TensorFlow's, seconds) ends the program with one line
+and status 130 if nothing catches it (``llm_unitscale.interrupts``).
 """
 
 import os as _os
@@ -27,11 +29,17 @@ def _import_tensorflow_quietly() -> None:
         _os.close(saved)
 
 
-_import_tensorflow_quietly()
+try:
+    _import_tensorflow_quietly()
 
-from llm_unitscale import constraints  # noqa: E402, layers, models, ops
-from llm_unitscale.constraints import UnitScaling  # noqa: E402
-from llm_unitscale.models import build_model  # noqa: E402
+    from llm_unitscale import constraints, optimizers  # noqa: F401  (and layers, models, ops: registered)
+    from llm_unitscale.constraints import UnitScaling
+    from llm_unitscale.models import build_model
+except KeyboardInterrupt:
+    from llm_unitscale.interrupts import report_uncaught
+
+    report_uncaught()
+    raise
 
 __version__ = "0.1.0"
 __all__ = ["UnitScaling", "build_model", "constraints", "layers", "models", "ops", "__version__"]

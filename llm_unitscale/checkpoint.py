@@ -1,4 +1,5 @@
-"""Resumable training: exact mid-epoch checkpoints, Ctrl-C that saves, and the last good step on a NaN loss.
+"""Resumable training: exact mid-epoch checkpoints, Ctrl-C that saves, and the last good step on a NaN loss
+(and TensorBoard logs whose failed writes stop training with one line, :class:`TensorBoardLogs`).
 
 Why not ``keras.callbacks.BackupAndRestore``: with ``save_freq="epoch"`` it only resumes at epoch boundaries
 (an epoch of a large corpus can take hours), and with ``save_freq=N`` steps it restarts the interrupted epoch
@@ -7,17 +8,20 @@ training batches are a pure function of the global step (``data.lm_train_batches
 ``data.classify_train_batches``), so a resumed run restores weights and optimizer state, skips exactly the
 steps already taken, and sees the same batches an uninterrupted run would.
 
-Files in ``checkpoints/``: ``step-N.weights.h5`` (model and optimizer variables, ``model.save_weights``) and
-``state.json`` {step, epoch, batch, history, weights}. ``state.json`` is replaced atomically *after* its
-weights file is complete, and the previous weights file is deleted only then, so a crash at any moment leaves
-a consistent pair.
+Files in ``checkpoints/``: ``step-N.keras`` (model and optimizer variables, ``runs.atomic_save_model``: Keras
+builds the HDF5 part in memory and a full disk fails in Python's I/O, once, not inside h5py, whose
+half-written files failed again when collected and crashed the process) and ``state.json`` {step,
+epoch, batch, history, weights}. ``state.json`` is replaced atomically *after* its weights file is complete,
+and the previous weights file is deleted only then, so a crash at any moment leaves a consistent pair. A
+failed write (full disk, ``ulimit -f``) removes its temporary file, raises ``files.WriteError`` ("… while
+writing the checkpoint at step 10") and stops training: nothing more is written, the previous checkpoint
+stays. ``step-N.weights.h5`` checkpoints of earlier versions still restore.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-import os
 import signal
 import threading
 from collections.abc import Iterator
@@ -27,13 +31,17 @@ from typing import Any
 
 import keras
 
-from llm_unitscale import runs
+from llm_unitscale import files, runs
 
 STATE = "state.json"
 
 
 class TrainingInterrupted(Exception):
-    """Training stopped by Ctrl-C after saving a checkpoint (exit status 130)."""
+    """Training stopped by Ctrl-C (exit status 130); ``resumable``: a checkpoint was saved for ``--resume``."""
+
+    def __init__(self, message: str, resumable: bool = True) -> None:
+        super().__init__(message)
+        self.resumable = resumable
 
 
 @dataclass
@@ -170,18 +178,53 @@ class ResumableCheckpoint(keras.callbacks.Callback):
         return out
 
     def save(self) -> None:
-        """Write step-N.weights.h5, then state.json pointing at it, then delete the previous weights."""
+        """Write step-N.keras, then state.json pointing at it, then delete the previous weights."""
         old = self.state.weights
-        name = f"step-{self.state.step}.weights.h5"
-        if name != old:
-            tmp = self.folder / f".tmp-{name}"
-            self.model.save_weights(tmp, overwrite=True)
-            os.replace(tmp, self.folder / name)
+        name = f"step-{self.state.step}.keras"
+        with files.writing(f"the checkpoint at step {self.state.step}", self.folder):
+            if name != old:
+                runs.atomic_save_model(self.model, self.folder / name)
+            try:
+                runs.atomic_write_json(self.folder / STATE, {**asdict(self.state), "weights": name})
+            except BaseException:
+                if name != old:  # the previous state.json still points at the previous weights
+                    (self.folder / name).unlink(missing_ok=True)
+                raise
         self.state.weights = name
-        runs.atomic_write_json(self.folder / STATE, asdict(self.state))
         self.saved_step = self.state.step
         if old and old != name:
             (self.folder / old).unlink(missing_ok=True)
+
+
+class TensorBoardLogs(keras.callbacks.TensorBoard):
+    """``keras.callbacks.TensorBoard`` whose failed writes (a full disk: TensorFlow raises an ``OpError``
+    carrying "No space left on device") end training as ``files.WriteError`` ("… while writing the TensorBoard
+    logs"), after closing its event writers so that they are not flushed (and fail) again when collected."""
+
+    def _guarded(self, method: Any, *args: Any) -> None:
+        try:
+            with files.writing("the TensorBoard logs"):
+                method(*args)
+        except Exception:
+            with contextlib.suppress(Exception):
+                self._close_writers()
+            self._writers = {}
+            raise
+
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        self._guarded(super().on_train_begin, logs)
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        self._guarded(super().on_train_batch_end, batch, logs)
+
+    def on_test_end(self, logs: dict | None = None) -> None:
+        self._guarded(super().on_test_end, logs)
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        self._guarded(super().on_epoch_end, epoch, logs)
+
+    def on_train_end(self, logs: dict | None = None) -> None:
+        self._guarded(super().on_train_end, logs)
 
 
 @contextlib.contextmanager

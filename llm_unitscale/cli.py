@@ -2,21 +2,30 @@
 
 Human-readable output by default, one JSON document on stdout with ``--json`` (logs and progress go to stderr).
 Exit status: 0 success, 2 bad usage or bad input (one line on stderr naming the file and the problem),
-1 internal error, 130 interrupted. ``LLM_UNITSCALE_DEBUG=1`` shows tracebacks.
+1 internal error or a failed write (full disk: ``files.WriteError``), 130 interrupted (Ctrl-C at any moment,
+TensorFlow's import included: ``interrupts``). ``LLM_UNITSCALE_DEBUG=1`` shows tracebacks.
+
+Text from the user or the data (prompts, tokens, labels, file names in messages) is printed through
+:func:`printable`, so control characters (an ANSI escape in a prompt) reach the terminal escaped, not obeyed.
+``predict.py`` prints each answer as soon as it has it; with ``--json`` it still prints one document (at the
+end, or — interrupted — with the answers so far and ``"interrupted": true``).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
+import math
 import os
 import sys
+import unicodedata
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from llm_unitscale import __version__
+from llm_unitscale import __version__, interrupts
 
 DEFAULT_DATA = "data/dataset.txt"
 DEFAULT_RUN = "runs/default"
@@ -33,6 +42,7 @@ def _quiet_warnings() -> None:
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from llm_unitscale.data import DataError
+    from llm_unitscale.files import OutputError
     from llm_unitscale.inference import InputError
     from llm_unitscale.preprocessing.embeddings import EmbeddingError
     from llm_unitscale.preprocessing.tokenizer import TokenizerError
@@ -40,17 +50,40 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from llm_unitscale.runs import RunError
     from llm_unitscale.training import ConfigError
 
-    return (DataError, RunError, VocabularyError, TokenizerError, EmbeddingError, InputError, ConfigError)
+    return (DataError, RunError, VocabularyError, TokenizerError, EmbeddingError, InputError, ConfigError,
+            OutputError)
+
+
+#: Characters shown escaped: controls (ESC, CR, TAB...), format characters (bidirectional overrides, zero
+#: widths), surrogates, and the line/paragraph separators.
+_UNPRINTABLE = ("Cc", "Cf", "Cs", "Zl", "Zp")
+
+
+def printable(text: str) -> str:
+    """``text`` with every control or format character written as a Python escape (``\\x1b``, ``\\u202e``),
+    so that printing it cannot move the cursor, recolour the terminal or reorder what follows."""
+    if text.isprintable():
+        return text
+    return "".join(ch.encode("unicode_escape").decode("ascii") if unicodedata.category(ch) in _UNPRINTABLE
+                   else ch for ch in text)
+
+
+def _say(message: str) -> None:
+    print(printable(message), file=sys.stderr, flush=True)
 
 
 def _guard(main: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
     """Run a command; turn known failures into one line on stderr and an exit status."""
     debug = os.environ.get("LLM_UNITSCALE_DEBUG") == "1"
+    interrupts.report_uncaught("interrupted")
+    from llm_unitscale import files
+
+    files.ignore_file_size_signal()
     try:
         _quiet_warnings()
         return main(args)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        _say(f"interrupted {exc}" if str(exc) else "interrupted")
         return 130
     except Exception as exc:
         if debug:
@@ -58,16 +91,25 @@ def _guard(main: Callable[[argparse.Namespace], int], args: argparse.Namespace) 
         from llm_unitscale.checkpoint import TrainingInterrupted
 
         if isinstance(exc, TrainingInterrupted):
-            print(f"{exc}; resume with: {_resume_command()}", file=sys.stderr)
+            _say(f"{exc}; resume with: {_resume_command()}" if exc.resumable else str(exc))
             return 130
         if isinstance(exc, _user_errors()):
-            print(f"error: {exc}", file=sys.stderr)
+            _say(f"error: {exc}")
             return 2
-        if isinstance(exc, FloatingPointError):
-            print(f"error: {exc}", file=sys.stderr)
+        if isinstance(exc, files.WriteError):
+            _say(f"error: {exc}" + (f"; free some space and resume with: {_resume_command()}"
+                                    if exc.resumable else ""))
             return 1
-        print(f"internal error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
-              "(rerun with LLM_UNITSCALE_DEBUG=1 for the traceback)", file=sys.stderr)
+        if isinstance(exc, FloatingPointError):
+            _say(f"error: {exc}")
+            return 1
+        reason = files.write_failure(exc)
+        if reason is not None:
+            where = getattr(exc, "filename", None)
+            _say(f"error: {where + ': ' if where else ''}{reason}")
+            return 1
+        _say(f"internal error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
+             "(rerun with LLM_UNITSCALE_DEBUG=1 for the traceback)")
         return 1
 
 
@@ -153,7 +195,8 @@ def train_parser() -> argparse.ArgumentParser:
                    help="save a resumable checkpoint every STEPS steps and at each epoch end (default 100)")
     p.add_argument("--log-every", type=int, default=0, metavar="STEPS",
                    help="print step, loss, ms/step and tokens/s every STEPS steps (default 0: every 5 seconds)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier run at --out (never anything else), or an interrupted one")
     p.add_argument("--json", action="store_true", help="print one JSON document on stdout")
     p.add_argument("--version", action="version", version=f"llm_unitscale {__version__}")
     return p
@@ -191,48 +234,116 @@ def predict_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop", default=None, metavar="TEXT",
                    help='end a continuation before TEXT, e.g. "\\n" (one line) or "\\n\\n" (one paragraph); '
                    "backslash escapes \\n and \\t are understood (default: write all N tokens, across lines)")
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--temperature", type=float, default=None,
+                   help=f"sampling temperature for --generate, > 0; 0 = greedy (default {TEMPERATURE})")
+    p.add_argument("--top-p", type=float, default=None,
+                   help=f"nucleus sampling for --generate: keep the smallest set of tokens whose probabilities "
+                   f"reach P, 0 < P <= 1 (default {TOP_P})")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON document on stdout (at the end; answers are otherwise printed as they come)")
     p.add_argument("--version", action="version", version=f"llm_unitscale {__version__}")
     return p
 
 
+#: Defaults of the sampling options (argparse's default is None, to tell "not given" from "given").
+TEMPERATURE, TOP_P = 0.8, 0.95
+#: Classifier inputs are scored this many at a time (arguments, or lines piped in; one at a time from a terminal).
+CLASSIFY_CHUNK = 64
+
+
+def check_predict_options(args: argparse.Namespace, task: str, model: str) -> tuple[float, float]:
+    """Refuse options that do not apply to the run's task or are out of range; return (temperature, top_p)."""
+    from llm_unitscale.inference import InputError
+
+    if args.top_k < 1:
+        raise InputError(f"--top-k must be >= 1, got {args.top_k}")
+    if args.generate < 0:
+        raise InputError(f"--generate must be >= 0, got {args.generate}")
+    given = [name for name, value in (("--generate", args.generate or None), ("--temperature", args.temperature),
+                                      ("--top-p", args.top_p)) if value is not None]
+    if task != "lm" and given:
+        raise InputError(f"{' and '.join(given)} {'applies' if len(given) == 1 else 'apply'} only to language "
+                         f"models, and {model} is a classifier (task {task})")
+    temperature = TEMPERATURE if args.temperature is None else args.temperature
+    top_p = TOP_P if args.top_p is None else args.top_p
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise InputError(f"--temperature must be > 0 (or 0 for greedy decoding), got {temperature}")
+    if not (math.isfinite(top_p) and 0 < top_p <= 1):
+        raise InputError(f"--top-p must be in (0, 1], got {top_p}")
+    if not args.generate and (args.temperature is not None or args.top_p is not None):
+        raise InputError("--temperature and --top-p only apply when sampling: add --generate N")
+    return temperature, top_p
+
+
+def _input_sentences(args: argparse.Namespace) -> Iterator[str]:
+    """The arguments, or the non-blank lines of stdin as they arrive (the first is read before anything else)."""
+    from llm_unitscale.inference import InputError
+
+    for sentence in args.sentences:
+        if not sentence.strip():
+            raise InputError(f"empty input sentence {sentence!r}: nothing to predict from")
+    lines = iter(args.sentences) if args.sentences else (line.rstrip("\n") for line in sys.stdin if line.strip())
+    first = next(lines, None)
+    if first is None:
+        raise InputError("no input: give sentences as arguments or one per line on stdin")
+    return itertools.chain([first], lines)
+
+
+def _lm_lines(r: dict) -> list[str]:
+    lines = [printable(r["input"])]
+    lines += [f"  note: {printable(n)}" for n in r.get("notes", [])]
+    lines.append("  next: " + ", ".join(f"{printable(n['token'])} ({n['prob']:.3f})" for n in r["next"]))
+    if "continuation" in r:
+        lines.append(f"  continuation: {printable(r['continuation'])}")
+    return lines
+
+
+def _classify_lines(r: dict) -> list[str]:
+    lines = [f"  note: {printable(n)}" for n in r.get("notes", [])]
+    others = ", ".join(f"{printable(t['label'])} {t['prob']:.3f}" for t in r["top"][1:])
+    lines.append(f"{printable(r['label'])} ({r['prob']:.3f})\t{printable(r['input'])}"
+                 + (f"\t[{others}]" if others else ""))
+    return lines
+
+
 def _predict(args: argparse.Namespace) -> int:
     from llm_unitscale import inference
-    from llm_unitscale.runs import load_run
+    from llm_unitscale.runs import load_config, load_run
 
-    sentences = args.sentences or [line.rstrip("\n") for line in sys.stdin if line.strip()]
-    if not sentences:
-        raise inference.InputError("no input: give sentences as arguments or one per line on stdin")
-    if args.top_k < 1 or args.generate < 0:
-        raise inference.InputError("--top-k must be >= 1 and --generate >= 0")
+    task = load_config(args.model)["task"]  # cheap: options are checked before the model loads
+    temperature, top_p = check_predict_options(args, task, args.model)
+    sentences = _input_sentences(args)
     run = load_run(args.model)
-    if run.task == "lm":
-        results = []
-        for s in sentences:
-            result = inference.next_tokens(run, s, args.top_k)
-            if args.generate:
-                result["continuation"] = inference.generate(
-                    run, s, args.generate, args.temperature, args.top_p, args.seed, stop=_unescape(args.stop)
-                )
+    results: list[dict] = []
+
+    def answers() -> Iterator[dict]:
+        if run.task == "lm":
+            for s in sentences:
+                result = inference.next_tokens(run, s, args.top_k)
+                if args.generate:
+                    result["continuation"] = inference.generate(
+                        run, s, args.generate, temperature, top_p, args.seed, stop=_unescape(args.stop)
+                    )
+                yield result
+            return
+        chunk = 1 if not args.sentences and sys.stdin.isatty() else CLASSIFY_CHUNK
+        while batch := list(itertools.islice(sentences, chunk)):
+            yield from inference.classify(run, batch, args.top_k)
+
+    render = _lm_lines if run.task == "lm" else _classify_lines
+    try:
+        for result in answers():
             results.append(result)
-        lines = []
-        for r in results:
-            lines.append(f"{r['input']}")
-            lines += [f"  note: {n}" for n in r.get("notes", [])]
-            lines.append("  next: " + ", ".join(f"{n['token']} ({n['prob']:.3f})" for n in r["next"]))
-            if "continuation" in r:
-                lines.append(f"  continuation: {r['continuation']}")
-    else:
-        results = inference.classify(run, sentences, args.top_k)
-        lines = []
-        for r in results:
-            lines += [f"  note: {n}" for n in r.get("notes", [])]
-            others = ", ".join(f"{t['label']} {t['prob']:.3f}" for t in r["top"][1:])
-            lines.append(f"{r['label']} ({r['prob']:.3f})\t{r['input']}" + (f"\t[{others}]" if others else ""))
-    _emit(args, {"task": run.task, "model": str(run.path), "results": results}, "\n".join(lines))
+            if not args.json:
+                print("\n".join(render(result)), flush=True)
+    except KeyboardInterrupt:
+        if args.json:
+            _emit(args, {"task": run.task, "model": str(run.path), "results": results, "interrupted": True}, "")
+        raise KeyboardInterrupt(f"after {len(results)} answer{'s' * (len(results) != 1)} "
+                                f"({'in the JSON document' if args.json else 'printed above'})") from None
+    if args.json:
+        _emit(args, {"task": run.task, "model": str(run.path), "results": results}, "")
     return 0
 
 
@@ -267,11 +378,51 @@ def evaluate_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=DEFAULT_RUN, help=f"run folder (default {DEFAULT_RUN})")
     p.add_argument("--encoding", default="utf-8")
     p.add_argument("--errors", default="strict", choices=("strict", "replace", "ignore"))
-    p.add_argument("--plot", nargs="?", const="", default=None, metavar="PNG",
-                   help="save a confusion matrix / per-position loss plot (default: in the run folder)")
+    p.add_argument("--plot", action="store_true",
+                   help="save a confusion matrix / per-position loss plot in the run folder")
+    p.add_argument("--plot-file", metavar="PNG", default=None,
+                   help="save the plot here instead (a new file, or a plot written by this package)")
     p.add_argument("--json", action="store_true")
     p.add_argument("--version", action="version", version=f"llm_unitscale {__version__}")
     return p
+
+
+def plot_target(args: argparse.Namespace, run_path: Path, task: str) -> Path | None:
+    """Where ``--plot`` / ``--plot-file`` write, checked before any work: a new file or a plot of ours."""
+    from llm_unitscale import files
+
+    if args.plot_file is None and not args.plot:
+        return None
+    target = Path(args.plot_file) if args.plot_file else run_path / (
+        "confusion.png" if task == "classify" else "position_loss.png")
+    # In the run folder any PNG of that name is an earlier plot (versions before the mark wrote none).
+    ours = files.is_our_png if args.plot_file else files.is_png
+    files.check_replaceable(target, ours, "a plot written by llm_unitscale", "remove it or pass another --plot-file")
+    if not target.parent.is_dir():
+        raise files.OutputError(f"{target}: cannot write the plot, {target.parent} is not a folder")
+    return target
+
+
+def check_test_file(path: str, text: str, task: str, model: str) -> None:
+    """Refuse a test file whose kind does not match the run: labelled lines for a language model, plain text
+    (or a mix) for a classifier. ``data.detect_task`` decides, as it does for training."""
+    from llm_unitscale import data
+
+    lines = text.split("\n")
+    if task == "classify":
+        if data.detect_task(lines, path) == "lm":
+            raise data.DataError(path, f"no labelled lines ('__label__NAME text' or 'NAME<TAB>text'), but {model} "
+                                       "is a classifier; evaluate it on labelled lines, or a language-model run on "
+                                       "this text")
+        return
+    try:
+        kind = data.detect_task(lines, path)
+    except data.DataError:
+        return  # a few label-like lines in plain text: a language model reads them as text
+    if kind == "classify":
+        example = next(line for line in lines if data.parse_labelled_line(line) is not None)
+        raise data.DataError(path, f"labelled lines (e.g. {printable(example[:40])!r}), but {model} is a language "
+                                   "model; evaluate it on plain text, or a classifier run on this file")
 
 
 def _evaluate(args: argparse.Namespace) -> int:
@@ -279,11 +430,14 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     from llm_unitscale import evaluation
     from llm_unitscale.data import read_text
-    from llm_unitscale.runs import VALIDATION, load_run
+    from llm_unitscale.runs import VALIDATION, load_config, load_run
 
-    run = load_run(args.model)
-    path = args.data or str(run.path / VALIDATION)
+    task = load_config(args.model)["task"]
+    target = plot_target(args, Path(args.model), task)
+    path = args.data or str(Path(args.model) / VALIDATION)
     text = read_text(path, args.encoding, args.errors)
+    check_test_file(path, text, task, args.model)
+    run = load_run(args.model)
     started = time.perf_counter()
     with contextlib.redirect_stdout(sys.stderr):
         if run.task == "lm":
@@ -291,27 +445,29 @@ def _evaluate(args: argparse.Namespace) -> int:
         else:
             metrics = evaluation.evaluate_classify(run, text.split("\n"))
     metrics.update(model=str(run.path), data=path, seconds=round(time.perf_counter() - started, 3))
-    if args.plot is not None:
-        target = Path(args.plot) if args.plot else run.path / ("confusion.png" if run.task == "classify"
-                                                                else "position_loss.png")
+    if target is not None:
         evaluation.plot(metrics, target)
         metrics["plot"] = str(target)
     position = metrics.pop("position_loss", None)
     if run.task == "lm":
-        text_out = (f"{path}: {metrics['tokens']} tokens, loss {metrics['loss']:.4f}, perplexity "
+        text_out = (f"{printable(path)}: {metrics['tokens']} tokens, loss {metrics['loss']:.4f}, perplexity "
                     f"{metrics['perplexity']:.2f}, accuracy {metrics['accuracy']:.2%}, top-5 "
                     f"{metrics['top5_accuracy']:.2%}, bits/char {metrics['bits_per_char']:.3f}, "
                     f"unknown {metrics['unk_rate']:.2%}")
     else:
-        width = max(len(label) for label in metrics["labels"])
-        rows = [f"{path}: {metrics['examples']} examples, accuracy {metrics['accuracy']:.2%}, "
+        names = [printable(label) for label in metrics["labels"]]
+        width = max(len(label) for label in names)
+        rows = [f"{printable(path)}: {metrics['examples']} examples, accuracy {metrics['accuracy']:.2%}, "
                 f"macro-F1 {metrics['macro_f1']:.3f}", "confusion (rows true, columns predicted):",
-                " " * (width + 2) + " ".join(f"{label:>{width}}" for label in metrics["labels"])]
-        for label, row in zip(metrics["labels"], metrics["confusion"], strict=True):
+                " " * (width + 2) + " ".join(f"{label:>{width}}" for label in names)]
+        for label, row in zip(names, metrics["confusion"], strict=True):
             rows.append(f"{label:>{width}}  " + " ".join(f"{v:>{width}}" for v in row))
         if "unseen_labels" in metrics:
-            rows.append(f"labels the model has never seen (counted as errors): {metrics['unseen_labels']}")
+            rows.append(f"labels the model has never seen (counted as errors): "
+                        f"{printable(str(metrics['unseen_labels']))}")
         text_out = "\n".join(rows)
+    if "plot" in metrics:
+        text_out += f"\nplot: {printable(metrics['plot'])}"
     if position is not None and args.json:
         metrics["position_loss"] = position
     _emit(args, metrics, text_out)

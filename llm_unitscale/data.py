@@ -128,7 +128,9 @@ def read_text(
 ) -> str:
     """Read a text file, validate it and return its text with ``\\n`` line ends.
 
-    A UTF-8 byte-order mark is removed and CRLF / CR line ends become ``\\n``.
+    A UTF-8 byte-order mark is removed and CRLF / CR line ends become ``\\n``. The path is checked with
+    ``stat`` first (``files.input_problem``: a symbolic-link loop is named as such); a FIFO or ``/dev/stdin``
+    is read like a file. A large file is read in pieces with a sign of life on stderr (``progress``).
 
     Args:
         path: the file to read.
@@ -144,14 +146,14 @@ def read_text(
             offset of the first bad byte and suggests ``--errors replace``), or
             when ``encoding`` / ``errors`` are unknown.
     """
+    from llm_unitscale.files import input_problem
+
     name = os.fspath(path)
-    if not os.path.exists(name):
-        raise DataError(name, "no such file")
-    if os.path.isdir(name):
-        raise DataError(name, "is a directory, not a text file")
+    problem = input_problem(name, kind="text file")
+    if problem:
+        raise DataError(name, problem)
     try:
-        with open(name, "rb") as handle:
-            raw = handle.read()
+        raw = _read_bytes(name)
     except OSError as exc:
         raise DataError(name, f"cannot read file: {exc.strerror or exc}") from exc
     if not raw:
@@ -198,6 +200,37 @@ def read_text(
     return text
 
 
+#: Bytes read at a time, so that a large file shows progress (``progress.Progress``).
+READ_CHUNK = 16 * 1024 * 1024
+
+
+def _read_bytes(name: str) -> bytes | bytearray:
+    """The whole file, read ``READ_CHUNK`` bytes at a time into one buffer, with progress on stderr."""
+    from llm_unitscale.progress import Progress
+
+    with open(name, "rb") as handle:
+        size = os.fstat(handle.fileno()).st_size if os.path.isfile(name) else 0
+        progress = Progress(f"reading {name}", size or None, "bytes")
+        if size:
+            buffer = bytearray(size)
+            view, done = memoryview(buffer), 0
+            while done < size and (n := handle.readinto(view[done : done + READ_CHUNK])):
+                done += n
+                progress.update(done)
+            view.release()
+            del buffer[done:]  # the file may have shrunk since it was measured ...
+            buffer += handle.read()  # ... or grown
+            progress.close()
+            return buffer
+        pieces, done = [], 0
+        while piece := handle.read(READ_CHUNK):
+            pieces.append(piece)
+            done += len(piece)
+            progress.update(done)
+        progress.close()
+        return b"".join(pieces)
+
+
 def _codec_name(path: str, encoding: str) -> str:
     try:
         return codecs.lookup(encoding).name.replace("-", "_")
@@ -216,13 +249,14 @@ def line_pieces(line: str, max_chars: int = PIECE_CHARS) -> list[str]:
     """Split a line into pieces of at most ``max_chars`` characters, at the last whitespace before the limit
     when there is one, so that a file that is one multi-megabyte line is tokenised (and fed to Word2Vec, which
     truncates sentences at 10,000 words) piece by piece."""
-    pieces = []
-    while len(line) > max_chars:
-        cut = max(line.rfind(" ", 0, max_chars), line.rfind("\t", 0, max_chars))
-        cut = cut + 1 if cut > 0 else max_chars
-        pieces.append(line[:cut])
-        line = line[cut:]
-    pieces.append(line)
+    pieces, start = [], 0
+    while len(line) - start > max_chars:  # positions, not slices of the rest: linear in the line's length
+        end = start + max_chars
+        cut = max(line.rfind(" ", start, end), line.rfind("\t", start, end))
+        cut = cut + 1 if cut > start else end
+        pieces.append(line[start:cut])
+        start = cut
+    pieces.append(line[start:])
     return pieces
 
 

@@ -72,6 +72,23 @@ def tf_config_workers(environ: dict[str, str] | None = None) -> int:
     return sum(len(cluster.get(kind, [])) for kind in ("chief", "worker"))
 
 
+def writer_index(environ: dict[str, str] | None = None) -> int:
+    """This process's index among the workers that write files: 0 for the chief — ``TF_CONFIG``'s task of type
+    "chief", or worker 0 of a cluster without one — and for a process without ``TF_CONFIG``; 1, 2, … for the
+    other workers, which train in a folder of their own and publish nothing (``run_writer.RunWriter``)."""
+    raw = (environ if environ is not None else os.environ).get("TF_CONFIG", "")
+    try:
+        config = json.loads(raw) if raw.strip() else {}
+    except json.JSONDecodeError:
+        return 0
+    task = config.get("task", {}) if isinstance(config, dict) else {}
+    cluster = config.get("cluster", {}) if isinstance(config, dict) else {}
+    kind, index = task.get("type", "worker"), int(task.get("index", 0))
+    if kind == "chief":
+        return 0
+    return index + 1 if cluster.get("chief") else index
+
+
 def resolve_strategy(name: str, gpus: int | None = None, environ: dict[str, str] | None = None) -> str:
     """The concrete strategy ("none", "mirrored" or "multiworker") for a ``--strategy`` value."""
     if name not in STRATEGIES:

@@ -13,7 +13,9 @@ The unit-scaled custom gradients play no part at inference; the export holds onl
 weights, so loading it needs TensorFlow alone (``tf.saved_model.load``), not this package.
 
 The export is written to a temporary folder next to ``out`` and renamed into place, so ``out`` is either the
-complete SavedModel or absent. TF Serving expects numbered versions: ``python -m llm_unitscale.export
+complete SavedModel or absent. ``--overwrite`` replaces only an earlier export of ours (:func:`is_export`: its
+``assets.extra/signature.json``), swapped in atomically (``files.replace_folder``); any other file or folder at
+``out`` is refused. TF Serving expects numbered versions: ``python -m llm_unitscale.export
 runs/default serving/llm/1``.
 """
 
@@ -33,16 +35,27 @@ INPUT_NAME = "token_ids"
 OUTPUT_NAME = "logits"
 
 
+def is_export(path: Path) -> bool:
+    """Whether ``path`` is a SavedModel folder written by :func:`export_run`."""
+    try:
+        meta = json.loads((path / "assets.extra" / "signature.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return path.is_dir() and isinstance(meta, dict) and meta.get("signature") == SIGNATURE and "task" in meta
+
+
 def export_run(run_dir: str | Path, out: str | Path | None = None, overwrite: bool = False) -> Path:
     """Write the run's model as a SavedModel at ``out`` (default ``RUN/export``); returns the path."""
     import keras
     import tensorflow as tf
 
+    from llm_unitscale import files
     from llm_unitscale.runs import CONFIG, VOCAB, RunError, load_run
 
     run = load_run(run_dir)
     target = Path(out) if out is not None else run.path / "export"
-    if target.exists() and not overwrite:
+    exists = files.check_replaceable(target, is_export, "an export of llm_unitscale", "choose another output folder")
+    if exists and not overwrite:
         raise RunError(f"{target}: already exists; pass --overwrite to replace it")
     model = run.model
 
@@ -58,20 +71,19 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, overwrite: bo
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        archive.write_out(str(tmp), verbose=False)
-        extra = tmp / "assets.extra"
-        extra.mkdir(exist_ok=True)
-        shutil.copy2(run.path / CONFIG, extra / CONFIG)
-        shutil.copy2(run.path / VOCAB, extra / VOCAB)
-        (extra / "signature.json").write_text(json.dumps({
-            "signature": SIGNATURE, "inputs": {INPUT_NAME: {"dtype": "int32", "shape": [None, None]}},
-            "outputs": {OUTPUT_NAME: {"dtype": "float32", "shape": [None, None, len(run.vocab)]
-                                      if run.task == "lm" else [None, len(run.config["labels"])]}},
-            "task": run.task, "labels": run.config.get("labels"), "max_time": run.config.get("seq_len"),
-        }, indent=2))
-        if target.exists():
-            shutil.rmtree(target)
-        tmp.rename(target)
+        with files.writing("the export", target):
+            archive.write_out(str(tmp), verbose=False)
+            extra = tmp / "assets.extra"
+            extra.mkdir(exist_ok=True)
+            shutil.copy2(run.path / CONFIG, extra / CONFIG)
+            shutil.copy2(run.path / VOCAB, extra / VOCAB)
+            (extra / "signature.json").write_text(json.dumps({
+                "signature": SIGNATURE, "inputs": {INPUT_NAME: {"dtype": "int32", "shape": [None, None]}},
+                "outputs": {OUTPUT_NAME: {"dtype": "float32", "shape": [None, None, len(run.vocab)]
+                                          if run.task == "lm" else [None, len(run.config["labels"])]}},
+                "task": run.task, "labels": run.config.get("labels"), "max_time": run.config.get("seq_len"),
+            }, indent=2))
+            files.replace_folder(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

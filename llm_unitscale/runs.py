@@ -2,24 +2,34 @@
 
 A run is trained inside ``runs/.NAME.partial/`` (checkpoints and logs live there, so ``--resume`` can pick it
 up after a crash) and renamed to ``runs/NAME`` only when every artifact is written: a reader sees either the
-old run or the complete new one, never half of one. Single files are written to a temporary name in the same
-folder and renamed (``os.replace`` is atomic on POSIX).
+old run or the complete new one, never half of one (``run_writer.RunWriter`` claims, locks and publishes it).
+Single files are written to a temporary name in the same folder and renamed (``os.replace`` is atomic on
+POSIX); a write that fails for lack of space becomes a one-line ``files.WriteError`` naming the file.
+
+Every run folder carries :data:`MARKER`, by which :func:`is_run_folder` tells our runs — which ``--overwrite``
+may replace — from anything else. ``config.json`` and ``vocab.pkl`` larger than :data:`MAX_CONFIG_BYTES` /
+``vocabulary.MAX_VOCAB_BYTES`` are refused before they are read.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from llm_unitscale import files
+
 CONFIG, VOCAB, MODEL, EMBEDDINGS = "config.json", "vocab.pkl", "model.keras", "embeddings.kv"
 HISTORY, METRICS, PLOT, VALIDATION = "history.json", "metrics.json", "training.png", "validation.txt"
 REQUIRED = (CONFIG, VOCAB, MODEL)
+#: The file that marks a folder as a run of ours (also in ``.NAME.partial/`` from its first moment).
+MARKER = ".llm_unitscale"
+#: A config.json holds options, labels and versions: kilobytes. Larger is not ours (refused unread).
+MAX_CONFIG_BYTES = 16 * 1024 * 1024
 
 
 class RunError(ValueError):
@@ -29,16 +39,17 @@ class RunError(ValueError):
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` via a temporary file in the same folder and an atomic rename."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with files.writing(path.name, path):
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
@@ -46,26 +57,35 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
 
 
 def atomic_save_model(model: Any, path: str | os.PathLike) -> None:
-    """``model.save`` to a temporary ``.keras`` name, then rename."""
+    """``model.save`` to a temporary ``.keras`` name, then rename.
+
+    For a local path Keras writes the zip through Python's own file object and builds the archive's HDF5
+    weights in memory (unless they exceed half the free memory), so a full disk fails in Python's I/O — one
+    ``OSError``, then nothing more — not inside h5py, whose failed files write again when they are collected
+    (that crashed the process once a disk was full)."""
     path = Path(path)
     tmp = path.with_name(f".{path.stem}.tmp.keras")
-    try:
-        model.save(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with files.writing(path.name, path):
+        try:
+            model.save(tmp)
+            with open(tmp, "rb") as handle:
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
 
 def save_figure(fig: Any, path: str | os.PathLike) -> None:
-    """Save a matplotlib figure as PNG atomically and close it."""
+    """Save a matplotlib figure as PNG atomically (marked as ours: ``files.png_metadata``) and close it."""
     import matplotlib.pyplot as plt
 
     path = Path(path)
     tmp = path.with_name(f".{path.stem}.tmp.png")
     try:
-        fig.savefig(tmp, dpi=100)
-        os.replace(tmp, path)
+        with files.writing(path.name, path):
+            fig.savefig(tmp, dpi=100, format="png", metadata=files.png_metadata())
+            os.replace(tmp, path)
     finally:
         plt.close(fig)
         tmp.unlink(missing_ok=True)
@@ -77,18 +97,34 @@ def partial_dir(out: str | os.PathLike) -> Path:
     return out.with_name(f".{out.name}.partial")
 
 
-def publish(work: Path, out: Path, overwrite: bool) -> None:
-    """Move the finished ``work`` folder to ``out``, replacing an earlier run only when ``overwrite``."""
-    if out.exists():
-        if not overwrite:
-            raise RunError(f"{out}: a run already exists here; pass --overwrite to replace it or --resume")
-        old = out.with_name(f".{out.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out, old)
-        os.replace(work, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(work, out)
+def write_marker(folder: Path) -> None:
+    """Mark ``folder`` as a run of ours (:func:`is_run_folder`)."""
+    from llm_unitscale import __version__
+
+    atomic_write_bytes(folder / MARKER, f"a run folder of llm_unitscale {__version__}; train.py --overwrite may "
+                       "replace it\n".encode())
+
+
+def _config_is_ours(path: Path) -> bool:
+    try:
+        if not path.is_file() or path.stat().st_size > MAX_CONFIG_BYTES:
+            return False
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return (isinstance(config, dict) and config.get("task") in ("lm", "classify")
+            and isinstance(config.get("versions"), dict) and "llm_unitscale" in config["versions"])
+
+
+def is_run_folder(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a run folder (finished or interrupted) written by train.py: a real folder (not a
+    link) holding :data:`MARKER`, or — runs from before the marker — a config.json with our task and versions,
+    or an interrupted run's checkpoint state."""
+    folder = Path(path)
+    if folder.is_symlink() or not folder.is_dir():
+        return False
+    return ((folder / MARKER).is_file() or _config_is_ours(folder / CONFIG)
+            or (folder / "checkpoints" / "state.json").is_file())
 
 
 @dataclass
@@ -115,7 +151,10 @@ class Run:
 
 
 def load_config(path: str | os.PathLike) -> dict:
+    """The run's config.json (stat first: a link loop, a huge or a foreign file is refused unread)."""
     folder = Path(path)
+    if os.path.islink(folder) and not folder.exists():
+        raise RunError(f"{folder}: {files.input_problem(folder)}")
     if not folder.exists():
         raise RunError(f"{folder}: no such run folder (train one with train.py --out {folder})")
     if not folder.is_dir():
@@ -123,6 +162,9 @@ def load_config(path: str | os.PathLike) -> dict:
     missing = [name for name in REQUIRED if not (folder / name).is_file()]
     if missing:
         raise RunError(f"{folder}: incomplete run folder, missing {', '.join(missing)}")
+    problem = files.input_problem(folder / CONFIG, MAX_CONFIG_BYTES, "run config")
+    if problem:
+        raise RunError(f"{folder / CONFIG}: {problem}")
     try:
         config = json.loads((folder / CONFIG).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:

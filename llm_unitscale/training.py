@@ -13,7 +13,6 @@ import contextlib
 import dataclasses
 import math
 import platform
-import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -153,6 +152,45 @@ def split_tail(text: str, fraction: float) -> tuple[str, str]:
     return text[:cut], text[cut:]
 
 
+def tokenize_lines(tokenizer: Any, text: str, what: str | None = None) -> tuple[list[list[str]], list[int]]:
+    """Tokenise ``text`` once: the tokens of every piece of every line (``data.line_pieces``; empty lists
+    kept) and, per line, the index after its last piece. ``what``: show progress on stderr under that name."""
+    from llm_unitscale.progress import Progress
+
+    progress = Progress(what, len(text), "characters") if what else None
+    pieces: list[list[str]] = []
+    line_ends: list[int] = []
+    done = 0
+    lines = text.split("\n")
+    if len(lines) > 1 and lines[-1] == "":
+        lines.pop()  # a final line break ends the last line, it does not start an empty one
+    for line in lines:
+        for piece in data_mod.line_pieces(line):
+            pieces.append(tokenizer.tokenize(piece))
+            done += len(piece)
+            if progress is not None and (len(pieces) % 64 == 0 or len(piece) > 4096):  # a clock read is ~1 µs
+                progress.update(done)
+        line_ends.append(len(pieces))
+        done += 1
+    if progress is not None:
+        progress.close(len(text))
+    return pieces, line_ends
+
+
+def line_ids(vocab: Any, pieces: list[list[str]], line_ends: list[int], keep_empty: bool = False) -> np.ndarray:
+    """Token ids for language modelling from :func:`tokenize_lines`: each line's tokens, then ``<eos>``
+    (an empty line too with ``keep_empty``)."""
+    ids: list[int] = []
+    start = 0
+    for end in line_ends:
+        line = [token for tokens in pieces[start:end] for token in tokens]
+        if line or keep_empty:
+            ids.extend(vocab.encode(line))
+            ids.append(vocab.eos_id)
+        start = end
+    return np.asarray(ids, dtype=np.int32)
+
+
 def lm_ids(tokenizer: Any, vocab: Any, text: str) -> np.ndarray:
     """Token ids of a text for language modelling: each line's tokens followed by ``<eos>``, the line break.
 
@@ -160,22 +198,18 @@ def lm_ids(tokenizer: Any, vocab: Any, text: str) -> np.ndarray:
     and verse; in word and jieba mode empty lines are skipped. A final line break ends the last line, it does
     not start an empty one.
     """
-    ids: list[int] = []
-    keep_empty = getattr(tokenizer, "mode", None) == "char"
-    lines = text.split("\n")
-    if lines and lines[-1] == "":
-        lines.pop()
-    for line in lines:
-        tokens = [t for piece in data_mod.line_pieces(line) for t in tokenizer.tokenize(piece)]
-        if tokens or keep_empty:
-            ids.extend(vocab.encode(tokens))
-            ids.append(vocab.eos_id)
-    return np.asarray(ids, dtype=np.int32)
+    return line_ids(vocab, *tokenize_lines(tokenizer, text), keep_empty=keeps_empty_lines(tokenizer))
+
+
+def keeps_empty_lines(tokenizer: Any) -> bool:
+    """Char mode keeps empty lines as a lone ``<eos>`` (paragraphs, verse); word and jieba mode skip them."""
+    return getattr(tokenizer, "mode", None) == "char"
 
 
 def prepare_corpus(cfg: TrainConfig, text: str) -> Corpus:
     """Detect the task, split train/validation, tokenise and build the vocabulary from the training part."""
     from llm_unitscale.preprocessing import Tokenizer, Vocabulary
+    from llm_unitscale.preprocessing.tokenizer import is_wordlike
 
     path = cfg.data
     lines = text.split("\n")
@@ -183,12 +217,13 @@ def prepare_corpus(cfg: TrainConfig, text: str) -> Corpus:
     tokenizer = Tokenizer(mode=cfg.tokenizer, lowercase=cfg.lowercase)
     if task == "lm":
         train_text, val_text = split_tail(text, cfg.val_fraction)
-        pieces = (piece for line in train_text.split("\n") for piece in data_mod.line_pieces(line))
-        token_lines = [t for t in map(tokenizer.tokenize, pieces) if t]
-        if not any(ch.isalnum() for line in token_lines for token in line for ch in token):
+        pieces, line_ends = tokenize_lines(tokenizer, train_text, f"tokenising {path}")
+        token_lines = [tokens for tokens in pieces if tokens]
+        if not any(is_wordlike(token) for line in token_lines for token in line):
             raise data_mod.DataError(path, "no words found, only punctuation, symbols or spaces")
         vocab = Vocabulary.build(token_lines, min_count=cfg.min_count, max_size=cfg.max_vocab)
-        train_ids, val_ids = lm_ids(tokenizer, vocab, train_text), lm_ids(tokenizer, vocab, val_text)
+        train_ids = line_ids(vocab, pieces, line_ends, keep_empty=keeps_empty_lines(tokenizer))
+        val_ids = lm_ids(tokenizer, vocab, val_text)
         need = cfg.seq_len + 1
         if len(train_ids) < need or len(val_ids) < need:
             have = len(train_ids) + len(val_ids)
@@ -419,7 +454,7 @@ def make_callbacks(
     """
     callbacks = [
         keras.callbacks.TerminateOnNaN(),
-        keras.callbacks.TensorBoard(str(work / "logs"), write_graph=False),
+        checkpoint.TensorBoardLogs(str(work / "logs"), write_graph=False),
         throughput,
     ]
     if cfg.track_scales and probe_data is not None:
@@ -431,33 +466,29 @@ def make_callbacks(
 
 
 def train(cfg: TrainConfig, log: TextIO = sys.stderr) -> dict:
-    """Train a model as ``cfg`` says and publish the run folder; returns the summary (train.py --json)."""
+    """Train a model as ``cfg`` says and publish the run folder; returns the summary (train.py --json).
+
+    ``run_writer.RunWriter`` claims ``cfg.out`` first (never a user's file, one writer per folder), and keeps
+    the partial folder of a stopped run only when it holds a checkpoint to ``--resume`` from.
+    """
+    from llm_unitscale import distribute, run_writer
+
+    cfg.validate()
+    worker = distribute.writer_index() if distribute.resolve_strategy(cfg.strategy) == "multiworker" else 0
+    with run_writer.RunWriter(cfg.out, overwrite=cfg.overwrite, resume=cfg.resume, log=log,
+                              worker=worker) as writer:
+        return _train_into(cfg, writer, log)
+
+
+def _train_into(cfg: TrainConfig, writer: Any, log: TextIO) -> dict:
+    """:func:`train` inside its claimed partial folder ``writer.work``; publishes it when complete."""
     import tensorflow as tf
 
     import llm_unitscale
     from llm_unitscale.models import build_model
 
-    cfg.validate()
     started = time.perf_counter()
-    out = Path(cfg.out)
-    work = runs.partial_dir(out)
-    if cfg.resume and not work.exists():
-        if out.exists():
-            raise runs.RunError(f"{out}: this run is complete, there is nothing to resume; "
-                                "pass --overwrite to train it again")
-        print(f"{out}: no interrupted run to resume, starting a new one", file=log)
-    elif out.exists() and not (cfg.overwrite or cfg.resume):
-        raise runs.RunError(f"{out}: a run already exists here; pass --overwrite to replace it")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        if work.exists() and not cfg.resume:
-            shutil.rmtree(work)
-        work.mkdir(exist_ok=True)
-    except OSError as exc:
-        blocker = next((str(d) for d in reversed(out.parents) if d.exists() and not d.is_dir()), None)
-        reason = f"{blocker} is a file, not a folder" if blocker else exc.strerror or str(exc)
-        raise runs.RunError(f"{out}: cannot write the run folder ({reason})") from exc
-
+    out, work = writer.out, writer.work
     text = data_mod.read_text(cfg.data, cfg.encoding, cfg.errors)
     keras.utils.set_random_seed(cfg.seed)
     if cfg.deterministic:  # CPU kernels already are; on GPU this picks deterministic (slower) ones
@@ -552,9 +583,7 @@ def train(cfg: TrainConfig, log: TextIO = sys.stderr) -> dict:
     runs.atomic_write_json(work / runs.HISTORY, history)
     runs.atomic_write_json(work / runs.METRICS, metrics)
     plot_history(history, work / runs.PLOT)
-    runs.publish(work, out, overwrite=cfg.overwrite or cfg.resume)
-    for stale in (out / "checkpoints").glob("*"):  # the published model.keras supersedes them
-        stale.unlink()
+    writer.publish()
     return {
         "run": str(out),
         "task": corpus.task,

@@ -159,17 +159,18 @@ def test_a_checkpoint_killed_while_saving_weights_keeps_the_previous_one(tmp_pat
                                            state=checkpoint.TrainingState())
     saver.set_model(model)
     saver.on_train_batch_end(0, {"loss": 1.0})
-    assert checkpoint.load_state(tmp_path).weights == "step-1.weights.h5"
+    assert checkpoint.load_state(tmp_path).weights == "step-1.keras"
 
-    def dies_halfway(path: object, overwrite: bool = True) -> None:
+    def dies_halfway(path: object) -> None:
         Path(str(path)).write_bytes(b"half a file")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(model, "save_weights", dies_halfway)
+    monkeypatch.setattr(model, "save", dies_halfway)
     with pytest.raises(KeyboardInterrupt):
         saver.on_train_batch_end(1, {"loss": 1.0})
     state = checkpoint.load_state(tmp_path)
-    assert state.step == 1 and state.weights == "step-1.weights.h5"
+    assert state.step == 1 and state.weights == "step-1.keras"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state.json", "step-1.keras"]  # no temporary left
     checkpoint.restore(model, tmp_path, state)  # the old pair still loads
 
 

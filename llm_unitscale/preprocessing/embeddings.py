@@ -79,6 +79,26 @@ class _EpochProgress(CallbackAny2Vec):
         )
 
 
+class _CountedSentences:
+    """The sentences, counted (``progress.Progress``, in words) as gensim reads them: once to build its
+    vocabulary, then once per epoch. gensim's reader runs a few jobs of 10,000 words ahead of training."""
+
+    def __init__(self, sentences: list[list[str]], epochs: int) -> None:
+        from llm_unitscale.progress import Progress
+
+        words = sum(map(len, sentences))
+        self.sentences = sentences
+        self.progress = Progress(f"word2vec ({epochs} epochs and a vocabulary pass)", words * (epochs + 1), "words")
+        self.words = 0
+
+    def __iter__(self) -> Any:
+        for count, sentence in enumerate(self.sentences):
+            self.words += len(sentence)
+            if count % 64 == 0 or len(sentence) > 1000:  # a clock read is ~1 µs
+                self.progress.update(self.words)
+            yield sentence
+
+
 def train_word2vec(
     sentences: list[list[str]],
     vector_size: int,
@@ -100,7 +120,8 @@ def train_word2vec(
         epochs: Passes over the sentences.
         window: Context window on each side.
         min_count: Ignore tokens seen fewer times.
-        progress: Print one line per epoch to stderr.
+        progress: Print one line per epoch to stderr, and words done and words/s every few seconds
+            (``progress.Progress``) when it takes longer than that.
 
     Returns:
         The trained ``KeyedVectors`` (``model.wv``).
@@ -126,6 +147,7 @@ def train_word2vec(
     if not any(n >= min_count for n in counts.values()):
         raise ValueError(f"cannot train word2vec: no token occurs at least min_count={min_count} times")
     callbacks = [_EpochProgress(epochs, sys.stderr)] if progress else []
+    corpus: Any = _CountedSentences(sentences, epochs) if progress else sentences
     model = Word2Vec(
         vector_size=vector_size,
         window=window,
@@ -135,14 +157,16 @@ def train_word2vec(
         hashfxn=_stable_hash,
         compute_loss=True,
     )
-    model.build_vocab(sentences)
+    model.build_vocab(corpus)
     model.train(
-        sentences,
+        corpus,
         total_examples=model.corpus_count,
         epochs=epochs,
         compute_loss=True,
         callbacks=callbacks,
     )
+    if isinstance(corpus, _CountedSentences):
+        corpus.progress.close(corpus.words)
     return model.wv
 
 
@@ -214,21 +238,24 @@ def save_keyed_vectors(kv: KeyedVectors, path: str | os.PathLike[str]) -> None:
     path = Path(path)
     kind = _kind(path)
     compressed = ".gz" if path.name.lower().endswith(".gz") else ""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{compressed}", dir=path.parent)
-    try:
-        if kind == "kv":
-            with os.fdopen(fd, "wb") as handle:
-                kv.save(handle)  # a handle: gensim pickles everything into this one file
-                handle.flush()
-                os.fsync(handle.fileno())
-        else:
-            os.close(fd)
-            kv.save_word2vec_format(tmp, binary=(kind == "binary"))
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    from llm_unitscale.files import writing
+
+    with writing(path.name, path):
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{compressed}", dir=path.parent)
+        try:
+            if kind == "kv":
+                with os.fdopen(fd, "wb") as handle:
+                    kv.save(handle)  # a handle: gensim pickles everything into this one file
+                    handle.flush()
+                    os.fsync(handle.fileno())
+            else:
+                os.close(fd)
+                kv.save_word2vec_format(tmp, binary=(kind == "binary"))
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
 
 
 def embedding_matrix(

@@ -13,7 +13,9 @@ Three modes:
     when it is importable (``get_config()["cjk"] == "jieba"``), otherwise split into single characters
     (``"cjk": "char"``). Hangul is written with spaces between words, so Korean goes through NLTK.
     A curly apostrophe between two letters ("don’t") is normalised to ``'`` so that it splits like
-    "don't" (``do``, ``n't``); this is the only change made to the text.
+    "don't" (``do``, ``n't``). Emoji and other pictographs (arrows, dingbats, symbols; a flag is a pair of
+    regional indicators) are tokens of their own, with the skin-tone and variation modifiers that follow them:
+    ``"great😀👍🏽"`` → ``great``, ``😀``, ``👍🏽``.
 ``"char"``
     Every character is a token, spaces included, so a character-level model learns spacing.
 ``"jieba"``
@@ -21,6 +23,13 @@ Three modes:
 
 Options: ``lowercase`` lowercases the tokens; ``punctuation=False`` drops tokens made only of
 punctuation (Unicode category ``P*``, CJK punctuation and NLTK's ````` / ``''`` quote tokens included).
+
+Normalisation (``normalize=True``, every mode, the same in training and prediction): Unicode *format*
+characters (category ``Cf``: zero-width space U+200B, zero-width joiner U+200D, word joiner U+2060, a BOM
+U+FEFF inside the text, soft hyphen, bidirectional controls) are removed and the text is put in NFC, so that
+``"hello\\u200b"`` and ``"hello"``, or a decomposed and a composed "é", are the same token. (Removing U+200D
+splits an emoji sequence into its emoji; removing U+200C loses the non-joiner of Persian spelling.) Runs saved
+before this option existed load with ``normalize=False`` and tokenise exactly as they were trained.
 
 ``detokenize`` joins tokens back into readable text: no space between two CJK tokens, none before closing
 punctuation and clitics (``. , ! ? ) 's n't`` ...), none after opening brackets, quotes and currency
@@ -44,7 +53,7 @@ from typing import Any
 
 from nltk.tokenize import NLTKWordTokenizer
 
-__all__ = ["MODES", "Tokenizer", "TokenizerError", "jieba_available"]
+__all__ = ["MODES", "Tokenizer", "TokenizerError", "is_wordlike", "jieba_available", "normalize_text"]
 
 MODES: tuple[str, ...] = ("word", "char", "jieba")
 _CJK_MODES: tuple[str, ...] = ("jieba", "char")
@@ -81,6 +90,19 @@ _CJK_SHARED = "\u2018\u2019\u201c\u201d\u2026\u2014\u2015\u00b7"
 _CJK_RUN_RE = re.compile(f"[{_CJK_SHARED}]*(?:[{_CJK_CORE}]+[{_CJK_SHARED}]*)+")
 _CJK_CHAR_RE = re.compile(f"[{_CJK_CORE}]")
 _CURLY_APOSTROPHE_RE = re.compile(r"(?<=[^\W\d_])\u2019(?=[^\W\d_])")
+# Unicode format characters (category Cf, Unicode 15.1; tests/test_data_safety.py checks this Python's database).
+_FORMAT_RE = re.compile(
+    "[\u00ad\u0600-\u0605\u061c\u06dd\u070f\u0890\u0891\u08e2\u180e\u200b-\u200f\u202a-\u202e"
+    "\u2060-\u2064\u2066-\u206f\ufeff\ufff9-\ufffb\U000110bd\U000110cd\U00013430-\U0001343f"
+    "\U0001bca0-\U0001bca3\U0001d173-\U0001d17a\U000e0001\U000e0020-\U000e007f]"
+)
+# Emoji and other pictographs, each one token with its modifiers (skin tones, variation selectors, keycap);
+# a flag is two regional indicators.
+_PICTOGRAPH_RE = re.compile(
+    "(?:[\U0001F1E6-\U0001F1FF]{2}"
+    "|[\u2190-\u21ff\u2300-\u23ff\u2460-\u24ff\u25a0-\u27bf\u2900-\u297f\u2b00-\u2bff"
+    "\U0001F000-\U0001FAFF])[\U0001F3FB-\U0001F3FF\uFE0E\uFE0F\u20E3]*"
+)
 
 # --------------------------------------------------------------------------------------------------
 # Token classes used by the sentence-stop heuristic and by detokenize
@@ -128,6 +150,35 @@ def _is_cjk_token(token: str) -> bool:
     return _CJK_CHAR_RE.search(token) is not None
 
 
+def is_wordlike(token: str) -> bool:
+    """Whether ``token`` holds a letter, a digit or a symbol people write as a word (an emoji: category
+    ``So``), as opposed to punctuation and spacing only."""
+    return any(ch.isalnum() or unicodedata.category(ch) == "So" for ch in token)
+
+
+def normalize_text(text: str) -> str:
+    """Remove Unicode format characters (category ``Cf``) and compose to NFC (see the module docstring)."""
+    if text.isascii():
+        return text
+    text = _FORMAT_RE.sub("", text)
+    return text if unicodedata.is_normalized("NFC", text) else unicodedata.normalize("NFC", text)
+
+
+def _split_pictographs(tokens: list[str]) -> list[str]:
+    """Make every emoji or pictograph inside a token a token of its own."""
+    out: list[str] = []
+    for token in tokens:
+        start = 0
+        for match in _PICTOGRAPH_RE.finditer(token):
+            if match.start() > start:
+                out.append(token[start : match.start()])
+            out.append(match.group())
+            start = match.end()
+        if start < len(token):
+            out.append(token[start:])
+    return out
+
+
 def _is_dots(token: str) -> bool:
     """Return whether ``token`` is made only of full stops ("." or "...")."""
     return bool(token) and token.strip(".") == ""
@@ -154,7 +205,7 @@ def _import_jieba() -> ModuleType | None:
         import jieba
     except ImportError:
         return None
-    jieba.setLogLevel(logging.WARNING)
+    jieba.setLogLevel(logging.CRITICAL)  # e.g. its "Dump cache file failed" traceback on a full disk
     return jieba
 
 
@@ -202,6 +253,8 @@ class Tokenizer:
         cjk: How ``"word"`` mode splits CJK runs: ``"jieba"``, ``"char"``, or ``None`` (default) for
             jieba when it is importable and single characters otherwise. Pinned by ``get_config`` so
             that a saved tokenizer splits text the same way when it is loaded again.
+        normalize: Remove format characters and compose to NFC first (:func:`normalize_text`); a config
+            without the key (a run saved before it existed) loads with ``False``.
 
     Raises:
         TokenizerError: unknown mode or cjk value, or jieba requested but not installed.
@@ -215,11 +268,12 @@ class Tokenizer:
         lowercase: bool = False,
         punctuation: bool = True,
         cjk: str | None = None,
+        normalize: bool = True,
     ) -> None:
         if mode not in MODES:
             raise TokenizerError(f"unknown tokenizer mode {mode!r}; expected one of {', '.join(MODES)}")
-        if not isinstance(lowercase, bool) or not isinstance(punctuation, bool):
-            raise TokenizerError("tokenizer options 'lowercase' and 'punctuation' must be true or false")
+        if not all(isinstance(flag, bool) for flag in (lowercase, punctuation, normalize)):
+            raise TokenizerError("tokenizer options 'lowercase', 'punctuation' and 'normalize' must be true or false")
         if cjk is not None and cjk not in _CJK_MODES:
             raise TokenizerError(f"unknown cjk segmentation {cjk!r}; expected 'jieba' or 'char'")
         if mode == "char":
@@ -237,11 +291,12 @@ class Tokenizer:
         self.lowercase = lowercase
         self.punctuation = punctuation
         self.cjk = resolved
+        self.normalize = normalize
 
     def __repr__(self) -> str:
         return (
             f"Tokenizer(mode={self.mode!r}, lowercase={self.lowercase}, "
-            f"punctuation={self.punctuation}, cjk={self.cjk!r})"
+            f"punctuation={self.punctuation}, cjk={self.cjk!r}, normalize={self.normalize})"
         )
 
     def __eq__(self, other: object) -> bool:
@@ -266,6 +321,8 @@ class Tokenizer:
         """
         if not isinstance(text, str):
             raise TypeError(f"Tokenizer.tokenize expects a str, got {type(text).__name__}")
+        if self.normalize:
+            text = normalize_text(text)
         if self.mode == "char":
             tokens = list(text)
         elif self.mode == "jieba":
@@ -299,7 +356,7 @@ class Tokenizer:
             return []
         text = _CURLY_APOSTROPHE_RE.sub("'", text)
         tokens = self._word_tokenizer.tokenize(text)
-        return _split_sentence_stops(tokens)
+        return _split_pictographs(_split_sentence_stops(tokens))
 
     # ------------------------------------------------------------------ detokenize
 
@@ -318,12 +375,13 @@ class Tokenizer:
     # ------------------------------------------------------------------ config
 
     def get_config(self) -> dict[str, Any]:
-        """Return the JSON-serialisable settings: ``mode``, ``lowercase``, ``punctuation``, ``cjk``."""
+        """Return the JSON-serialisable settings: ``mode``, ``lowercase``, ``punctuation``, ``cjk``, ``normalize``."""
         return {
             "mode": self.mode,
             "lowercase": self.lowercase,
             "punctuation": self.punctuation,
             "cjk": self.cjk,
+            "normalize": self.normalize,
         }
 
     @classmethod
@@ -335,7 +393,7 @@ class Tokenizer:
         """
         if not isinstance(config, dict):
             raise TokenizerError(f"tokenizer config must be a dict, got {type(config).__name__}")
-        known = {"mode", "lowercase", "punctuation", "cjk"}
+        known = {"mode", "lowercase", "punctuation", "cjk", "normalize"}
         unknown = sorted(set(config) - known)
         if unknown:
             raise TokenizerError(f"unknown tokenizer config keys: {', '.join(map(str, unknown))}")
@@ -344,6 +402,7 @@ class Tokenizer:
             lowercase=config.get("lowercase", False),
             punctuation=config.get("punctuation", True),
             cjk=config.get("cjk"),
+            normalize=config.get("normalize", False),
         )
 
 

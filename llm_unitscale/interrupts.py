@@ -1,0 +1,40 @@
+"""Ctrl-C before a command has started: one line and exit status 130, not a traceback from inside TensorFlow.
+
+The commands catch ``KeyboardInterrupt`` themselves (``cli._guard``), but ``import llm_unitscale`` — mostly
+TensorFlow's import, 2–4 s — runs before any command code (``python -m llm_unitscale.train``, the console
+scripts and the root scripts all import the package first). :func:`report_uncaught` sets ``sys.excepthook`` so
+that an *uncaught* ``KeyboardInterrupt`` prints one line on stderr and ends the process with status 130; any
+other exception goes to the hook that was there before. The package sets it only when its own import is
+interrupted (a program that catches that interrupt sees no difference), the commands when they start.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from types import TracebackType
+
+MESSAGE = "interrupted while starting up; nothing was written"
+
+
+def report_uncaught(message: str = MESSAGE) -> None:
+    """Make an uncaught KeyboardInterrupt print ``message`` and exit with status 130 (idempotent)."""
+    previous = sys.excepthook
+    if getattr(previous, "_llm_unitscale", False):
+        return
+
+    def hook(kind: type[BaseException], value: BaseException, traceback: TracebackType | None) -> None:
+        if not issubclass(kind, KeyboardInterrupt):
+            previous(kind, value, traceback)
+            return
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(OSError, ValueError):
+                stream.flush()
+        try:
+            print(message, file=sys.stderr, flush=True)
+        finally:
+            os._exit(130)  # the hook runs as the interpreter unwinds: a SystemExit here would be a second error
+
+    hook._llm_unitscale = True  # type: ignore[attr-defined]
+    sys.excepthook = hook
