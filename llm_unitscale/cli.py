@@ -170,6 +170,9 @@ def train_parser() -> argparse.ArgumentParser:
                    help="the stock-Keras baseline of the same shape")
     p.add_argument("--constraint", default="rms", choices=("rms", "l2", "none"),
                    help="UnitScaling weight constraint after each step (default rms)")
+    p.add_argument("--tau", type=float, default=None, metavar="T",
+                   help="one residual branch weight for every block (default: from the depth, "
+                   "tau_k = 1/sqrt(depth + k), ops.residual_taus)")
     p.add_argument("--embeddings", default="word2vec",
                    help="'word2vec' (train on the corpus), 'none', or a vectors file (.kv, word2vec .txt/.bin)")
     p.add_argument("--min-count", type=int, default=1)

@@ -82,7 +82,7 @@ def build_model(
     num_classes: int | None = None,
     unit_scaling: bool = True,
     dropout: float = 0.0,
-    tau: float | None = 0.5,
+    tau: float | None = None,
     mlp_ratio: int = 4,
     kernel_size: int = 3,
     pool_size: int = 3,
@@ -99,7 +99,7 @@ def build_model(
     seq_len is the longest context (the position table's size); inputs may be shorter. constraint: the
     UnitScaling norm on every kernel and embedding table ("rms", "l2") or None; ignored by the baseline.
     tau: one residual branch weight for every branch, or None for the depth-aware rule of
-    ``ops.residual_taus(depth, residual_mult, attention_ratio)`` (unit-scaled transformer only).
+    ``ops.residual_taus(depth, residual_mult, attention_ratio)`` (the default; unit-scaled transformer only).
     attention_rule: how attention outputs are brought to unit scale (``ops.attention_output``); attention_gain: a
     learnable gain on the heads' outputs (``ops.multi_head_attention``).
     """

@@ -62,7 +62,7 @@ class TrainConfig:
     warmup_steps: int = 50
     weight_decay: float = 0.0
     dropout: float = 0.0
-    tau: float = 0.5
+    tau: float | None = None  # residual branch weight; None: from the depth (ops.residual_taus)
     constraint: str | None = "rms"
     precision: str = "float32"
     loss_scaling: bool = False  # wrap the optimizer in keras.optimizers.LossScaleOptimizer (float16 baseline)
@@ -108,6 +108,8 @@ class TrainConfig:
             raise ConfigError(f"--val-fraction must be in (0, 0.5), got {self.val_fraction}")
         if self.lr is not None and not (0.0 < self.lr < 10.0):
             raise ConfigError(f"--lr must be in (0, 10), got {self.lr}")
+        if self.tau is not None and not (math.isfinite(self.tau) and self.tau > 0):
+            raise ConfigError(f"--tau must be a positive number, got {self.tau}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision}")
         from llm_unitscale import distribute, optimizers

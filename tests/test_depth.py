@@ -110,3 +110,17 @@ def test_unit_scale_at_depth_and_length(depth: int, length: int, long_context_bo
     for name, value in report["weight gradients"].items():
         high = long_context_bound if name.endswith(LONG_CONTEXT_WEIGHTS) else 2.0
         assert 0.5 <= value <= high, (name, round(value, 2))
+
+
+def test_the_default_model_takes_its_residual_weights_from_depth_and_tau_fixes_them() -> None:
+    """build_model's default is the depth rule; ``tau`` (``train.py --tau``) gives every branch one weight."""
+    from llm_unitscale.training import ConfigError, TrainConfig
+
+    blocks = [layer for layer in build_model(vocab_size=50, seq_len=8, width=16, depth=3, heads=2).layers
+              if isinstance(layer, L.UnitTransformerBlock)]
+    assert [(b.tau, b.mlp_tau) for b in blocks] == pytest.approx(ops.residual_taus(3))
+    fixed = [layer for layer in build_model(vocab_size=50, seq_len=8, width=16, depth=3, heads=2, tau=0.5).layers
+             if isinstance(layer, L.UnitTransformerBlock)]
+    assert all(b.tau == b.mlp_tau == 0.5 for b in fixed)
+    with pytest.raises(ConfigError, match="--tau must be a positive number"):
+        TrainConfig(tau=-1.0).validate()
