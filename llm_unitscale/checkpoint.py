@@ -144,7 +144,8 @@ def segments(state: TrainingState, periods: list[int]) -> list[tuple[int, int, i
 
 
 class ResumableCheckpoint(keras.callbacks.Callback):
-    """Saves the training state every ``every_steps`` steps, at each epoch end, and when interrupted.
+    """Saves the training state every ``every_steps`` steps (0: never between validations), at the end of each
+    evaluation period, and when interrupted.
 
     Set ``interrupted`` (the SIGINT handler of :func:`stop_on_sigint` does) to save at the end of the current
     batch and stop training. A non-finite loss is never saved: ``nan_step`` records where it happened and the
@@ -155,7 +156,7 @@ class ResumableCheckpoint(keras.callbacks.Callback):
         super().__init__()
         self.folder = Path(folder)
         self.periods = list(periods)
-        self.every_steps = max(1, every_steps)
+        self.every_steps = every_steps  # 0: only at the end of each evaluation period
         self.state = TrainingState(**asdict(state))
         self.interrupted = False
         self._saved_on_interrupt = False
@@ -178,7 +179,7 @@ class ResumableCheckpoint(keras.callbacks.Callback):
         self.state.step += 1
         self.state.batch += 1
         self.state.epoch_means = self._whole_epoch(logs or {})
-        if interrupted or self.state.step % self.every_steps == 0:
+        if interrupted or self.every_steps and self.state.step % self.every_steps == 0:
             self.save()
         if interrupted:
             self._saved_on_interrupt = True

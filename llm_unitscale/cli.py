@@ -170,8 +170,9 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoint")
     p.add_argument("--deterministic", action="store_true",
                    help="TensorFlow's op determinism (bit-identical reruns on GPU; CPU runs already are)")
-    p.add_argument("--checkpoint-every", type=int, default=100, metavar="STEPS",
-                   help="save a resumable checkpoint every STEPS steps and at each epoch end (default 100)")
+    p.add_argument("--checkpoint-every", type=int, default=None, metavar="STEPS",
+                   help="save a resumable checkpoint every STEPS steps and at each validation (default 100 lm, "
+                   "0 = only at each validation for a classifier, whose epochs take seconds)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
     p.add_argument("--json", action="store_true", help="print one JSON document on stdout")
     p.add_argument("--version", action="version", version=f"llm_unitscale {__version__}")

@@ -469,8 +469,8 @@ class UnitPooling(keras.layers.Layer):
 
 @register
 class UnitEmbeddingBag(keras.layers.Layer):
-    """Mean of the embeddings of a bag of ids (B, T) → (B, d), id 0 = padding, scaled to unit RMS for a bag of
-    ``typical_count`` ids of unit rows (:func:`ops.embedding_bag`).
+    """Mean of the embeddings of a bag of ids (B, T) → (B, d), id 0 = padding (:func:`ops.embedding_bag`;
+    ``typical_count``: the n̄ of its backward scale).
 
     The table is the second documented exception to "weights start N(0, 1)" (after ``UnitReadout``): it starts
     at **zero** and carries no constraint. Its rows are n-gram features, most of them rare, many hashed buckets

@@ -31,15 +31,15 @@ from llm_unitscale import precision as precision_mod
 #: Default peak learning rate: unit-scaled vs stock Keras baseline (from the sweep; see the module docstring).
 DEFAULT_LR = {True: 1e-2, False: 1e-3}
 #: The bag-of-n-grams classifier's default peak learning rates (README, "Choosing the classifier's defaults").
-BAG_LR = {True: 1e-2, False: 1e-2}
+BAG_LR = {True: 3e-2, False: 3e-3}
 #: Options whose default depends on the task: ``None`` in :class:`TrainConfig` means "the task's default".
 #: Language model: the values of every earlier version. Classifier: the bag-of-n-grams model and the
 #: settings chosen by measurement (README, "Choosing the classifier's defaults").
 TASK_DEFAULTS: dict[str, dict[str, Any]] = {
     "lm": dict(arch="transformer", tokenizer="word", lowercase=False, epochs=30, batch_size=16, seq_len=64,
-               width=128, dropout=0.0, embeddings="word2vec", patience=5, jit_compile=True),
+               width=128, dropout=0.0, embeddings="word2vec", patience=5, jit_compile=True, checkpoint_every=100),
     "classify": dict(arch="bag", tokenizer="wordpunct", lowercase=True, epochs=10, batch_size=32, seq_len=1000,
-                     width=64, dropout=0.0, embeddings="none", patience=2, jit_compile=False),
+                     width=64, dropout=0.0, embeddings="none", patience=2, jit_compile=False, checkpoint_every=0),
 }
 #: A classifier other than ``bag`` (a sequence model over token ids) keeps the earlier classifier defaults.
 SEQUENCE_CLASSIFIER_DEFAULTS = dict(tokenizer="word", seq_len=64, width=128, embeddings="word2vec", patience=3)
@@ -96,7 +96,7 @@ class TrainConfig:
     encoding: str = "utf-8"
     errors: str = "strict"
     resume: bool = False
-    checkpoint_every: int = 100
+    checkpoint_every: int | None = None  # also save a checkpoint every N steps (0: only at each validation)
     deterministic: bool = False
     overwrite: bool = False
     strategy: str = "auto"  # auto | none | mirrored | multiworker (llm_unitscale.distribute)
@@ -124,8 +124,8 @@ class TrainConfig:
     def validate(self) -> None:
         """Reject impossible sizes with a one-line ValueError before any work is done (options still at
         None, the task's defaults, are checked once :meth:`with_task_defaults` has set them)."""
-        for name in ("epochs", "batch_size", "seq_len", "width", "depth", "heads", "min_count", "checkpoint_every",
-                     "buckets", "word_ngrams"):
+        for name in ("epochs", "batch_size", "seq_len", "width", "depth", "heads", "min_count", "buckets",
+                     "word_ngrams"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
@@ -140,6 +140,10 @@ class TrainConfig:
         if self.patience is not None and (not isinstance(self.patience, int) or self.patience < 0):
             raise ConfigError(f"--patience must be a number of validations >= 0 (0 = never stop early), "
                               f"got {self.patience}")
+        if self.checkpoint_every is not None and (not isinstance(self.checkpoint_every, int)
+                                                  or self.checkpoint_every < 0):
+            raise ConfigError(f"--checkpoint-every must be a number of steps >= 0 (0 = only at each validation), "
+                              f"got {self.checkpoint_every}")
         low, high = self.char_ngrams
         if (low, high) != (0, 0) and not 1 <= low <= high <= 20:
             raise ConfigError(f"--char-ngrams must be MIN-MAX with 1 <= MIN <= MAX <= 20, or 0, got {low}-{high}")

@@ -156,7 +156,7 @@ def test_a_checkpoint_killed_while_saving_weights_keeps_the_previous_one(tmp_pat
     import keras
 
     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
-    saver = checkpoint.ResumableCheckpoint(tmp_path, steps_per_epoch=10, every_steps=1,
+    saver = checkpoint.ResumableCheckpoint(tmp_path, periods=[10], every_steps=1,
                                            state=checkpoint.TrainingState())
     saver.set_model(model)
     saver.on_train_batch_end(0, {"loss": 1.0})
@@ -291,7 +291,8 @@ def test_early_stopping_keeps_the_best_weights_and_survives_resume(polarity: Pat
 def test_patience_0_runs_every_step_and_still_keeps_the_best(polarity: Path, tmp_path: Path) -> None:
     import io
 
-    summary = training.train(classifier_config(polarity, tmp_path / "all", patience=0, epochs=4, eval_every=3),
+    summary = training.train(classifier_config(polarity, tmp_path / "all", patience=0, epochs=4, eval_every=3,
+                                               lr=1.0),  # overfits by step 9 of 48
                              log=io.StringIO())
     history = json.loads((tmp_path / "all" / "history.json").read_text())
     assert summary["stopped"] == "budget" and summary["steps"] == summary["max_steps"]
