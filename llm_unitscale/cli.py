@@ -111,7 +111,7 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=None,
                    help="at most this many epochs (default 30 lm, 10 classify); validation may stop earlier")
     p.add_argument("--max-steps", type=int, default=None, help="train for this many optimizer steps (split into equal epochs; at most #epochs-1 more when they do not divide it)")
-    p.add_argument("--batch-size", type=int, default=None, help="default 16 (lm), 32 (classify)")
+    p.add_argument("--batch-size", type=int, default=None, help="default 16 (lm), 64 (classify; 32 for a --arch other than bag)")
     p.add_argument("--seq-len", type=int, default=None, help="context length (lm, default 64) or tokens kept "
                    "per text (classify: default 1000 with bag, 64 otherwise)")
     p.add_argument("--width", type=int, default=None, help="default 128 (64 for bag)")

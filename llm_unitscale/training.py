@@ -38,11 +38,12 @@ BAG_LR = {True: 3e-2, False: 3e-3}
 TASK_DEFAULTS: dict[str, dict[str, Any]] = {
     "lm": dict(arch="transformer", tokenizer="word", lowercase=False, epochs=30, batch_size=16, seq_len=64,
                width=128, dropout=0.0, embeddings="word2vec", patience=5, jit_compile=True, checkpoint_every=100),
-    "classify": dict(arch="bag", tokenizer="wordpunct", lowercase=True, epochs=10, batch_size=32, seq_len=1000,
+    "classify": dict(arch="bag", tokenizer="wordpunct", lowercase=True, epochs=10, batch_size=64, seq_len=1000,
                      width=64, dropout=0.0, embeddings="none", patience=2, jit_compile=False, checkpoint_every=0),
 }
 #: A classifier other than ``bag`` (a sequence model over token ids) keeps the earlier classifier defaults.
-SEQUENCE_CLASSIFIER_DEFAULTS = dict(tokenizer="word", seq_len=64, width=128, embeddings="word2vec", patience=3)
+SEQUENCE_CLASSIFIER_DEFAULTS = dict(tokenizer="word", seq_len=64, width=128, embeddings="word2vec", patience=3,
+                                    batch_size=32)
 #: What must match between an interrupted run and its --resume (other options, e.g. --lr, may change).
 RESUME_KEYS = ("data_sha256", "task", "arch", "vocab_size", "width", "depth", "heads", "seq_len", "batch_size",
                "epochs", "max_steps", "unit_scaling", "seed", "tokenizer", "eval_every", "patience", "features")
