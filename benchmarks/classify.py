@@ -8,15 +8,20 @@ accuracy, macro-F1 and expected calibration error (15 equal-width bins of the to
 ``llm_unitscale.calibration``). Ours are scored by ``evaluate.py --json``; fastText's probabilities (all
 labels, ``k=-1``) go through the same functions.
 
-Sets (``--sets``): ``agnews`` and ``chnsenticorp`` (``../shared/data/NAME-{train,test}.txt``), and
-``polarity``: gensim's ``pang_lee_polarity.cor`` (200 sentences, cp1252), scored by 5-fold cross-validation
-(each fold's 40 lines as test; the table shows the mean, wall time per fold). Chinese is given to fastText as
+Sets (``--sets``, all three by default): ``agnews`` and ``chnsenticorp`` (``../shared/data/NAME-{train,test}.txt``),
+and ``polarity``: gensim's ``pang_lee_polarity.cor`` (200 sentences, cp1252), scored by 5-fold cross-validation
+(each fold's 40 lines as test; the table shows the mean over folds). Chinese is given to fastText as
 space-separated characters (its best input measured here: 88.3 % against 67.9 % on unsegmented text, where a
 whole review is one "word").
 
-    python benchmarks/classify.py                      # agnews and chnsenticorp, table on stdout
+Wall seconds are per training run (one fold): ours ``train.py`` alone, fastText training and predicting the
+test file, each a fresh process (so Python and TensorFlow start-up are in them). With ``--repeats N`` every
+system trains N times, the systems taking turns within a repeat; the table shows the median and the range of
+the wall seconds and the median of each score (CPU runs of ours are bit-identical; fastText's threads are not).
+
+    python benchmarks/classify.py                      # the table on stdout
     python benchmarks/classify.py --sets polarity --json
-    python benchmarks/classify.py --systems unit --unit-args "--width 32"    # try other options
+    python benchmarks/classify.py --systems unit --sets agnews --unit-args "--width 32"    # try other options
 
 Not a test. Runs one system at a time (timings: see the README on shared cores).
 """
@@ -26,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shlex
 import subprocess
 import sys
@@ -90,11 +96,15 @@ def folds(name: str, work: Path) -> list[tuple[Path, Path]]:
     return pairs
 
 
-def timed(command: list[str]) -> tuple[subprocess.CompletedProcess, float]:
+def timed(command: list[str]) -> tuple[subprocess.CompletedProcess, float, float]:
+    """Run a command; (result, wall seconds, CPU seconds of the process and its children: user + system)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True,
                             env={**os.environ, "PYTHONPATH": str(ROOT)})
-    return result, time.perf_counter() - started
+    wall = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return result, wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
 def checked_json(result: subprocess.CompletedProcess, what: str) -> object:
@@ -105,12 +115,12 @@ def checked_json(result: subprocess.CompletedProcess, what: str) -> object:
 
 def run_ours(train: Path, test: Path, out: Path, args: list[str]) -> dict:
     command = [sys.executable, "train.py", str(train), "--out", str(out), "--overwrite", "--json", *args]
-    result, seconds = timed(command)
+    result, seconds, cpu = timed(command)
     summary = checked_json(result, shlex.join(command))
-    scored, _ = timed([sys.executable, "evaluate.py", str(test), "--model", str(out), "--json"])
+    scored, _, _ = timed([sys.executable, "evaluate.py", str(test), "--model", str(out), "--json"])
     metrics = checked_json(scored, f"evaluate.py {test}")
     return {"accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"], "ece": metrics["ece"],
-            "seconds": seconds, "steps": summary["steps"], "best_epoch": summary["best_epoch"]}
+            "seconds": seconds, "cpu_seconds": cpu, "steps": summary["steps"], "best_epoch": summary["best_epoch"]}
 
 
 def run_fasttext(name: str, train: Path, test: Path, work: Path) -> dict:
@@ -122,32 +132,54 @@ def run_fasttext(name: str, train: Path, test: Path, work: Path) -> dict:
         write_labelled(work / f"fasttext-{role}.txt", labels, texts, chars)
     command = [sys.executable, "-c", FASTTEXT_SCRIPT, str(work / "fasttext-train.txt"),
                str(work / "fasttext-test.txt"), json.dumps(FASTTEXT[name])]
-    result, seconds = timed(command)
+    result, seconds, cpu = timed(command)
     predictions = checked_json(result, "fastText")
     names = sorted(set(labelled["train"]))
     probs = np.array([[p.get(f"__label__{label}", 0.0) for label in names] for p in predictions])
     gold = np.array([names.index(g) if g in names else -1 for g in labelled["test"]])
     scores = classification_scores(gold, probs, names)
     return {"accuracy": scores["accuracy"], "macro_f1": scores["macro_f1"], "ece": scores["ece"],
-            "seconds": seconds}
+            "seconds": seconds, "cpu_seconds": cpu}
 
 
-def benchmark(sets: list[str], systems: list[str], unit_args: list[str], stock_args: list[str]) -> list[dict]:
+def run_system(name: str, system: str, train: Path, test: Path, work: Path, unit_args: list[str],
+               stock_args: list[str], tag: str) -> dict:
+    if system == "fasttext":
+        return run_fasttext(name, train, test, work)
+    args = unit_args if system == "unit" else [*STOCK_ARGS, *stock_args]
+    return run_ours(train, test, work / f"{name}-{system}-{tag}", args)
+
+
+def summarise(name: str, system: str, repeats: list[list[dict]]) -> dict:
+    """One table row from ``repeats[r][fold]``: each score the median over repeats of its mean over folds;
+    wall seconds per training run (one fold) as median, min and max over every run."""
+    row: dict = {"set": name, "system": system, "folds": len(repeats[0]), "repeats": len(repeats)}
+    for key in repeats[0][0]:
+        if key not in ("seconds", "cpu_seconds"):
+            row[key] = float(np.median([np.mean([fold[key] for fold in runs]) for runs in repeats]))
+    seconds = [fold["seconds"] for runs in repeats for fold in runs]
+    cpu = [fold["cpu_seconds"] for runs in repeats for fold in runs]
+    row.update(seconds=float(np.median(seconds)), seconds_min=min(seconds), seconds_max=max(seconds),
+               cpu_seconds=float(np.median(cpu)))
+    return row
+
+
+def benchmark(sets: list[str], systems: list[str], unit_args: list[str], stock_args: list[str],
+              repeats: int = 1) -> list[dict]:
+    """Every system on every set, ``repeats`` times; within a repeat the systems run one after the other, so
+    the timings of a repeat see the same load on shared cores."""
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         for name in sets:
             pairs = folds(name, work)
+            results: dict[str, list[list[dict]]] = {system: [] for system in systems}
+            for _ in range(repeats):
+                for system in systems:
+                    results[system].append([run_system(name, system, train, test, work, unit_args, stock_args,
+                                                       str(k)) for k, (train, test) in enumerate(pairs)])
             for system in systems:
-                results = []
-                for k, (train, test) in enumerate(pairs):
-                    if system == "fasttext":
-                        results.append(run_fasttext(name, train, test, work))
-                    else:
-                        args = unit_args if system == "unit" else [*STOCK_ARGS, *stock_args]
-                        results.append(run_ours(train, test, work / f"{name}-{system}-{k}", args))
-                row = {"set": name, "system": system, "folds": len(results),
-                       **{key: float(np.mean([r[key] for r in results])) for key in results[0]}}
+                row = summarise(name, system, results[system])
                 print(json.dumps(row), file=sys.stderr, flush=True)
                 rows.append(row)
     return rows
@@ -155,23 +187,27 @@ def benchmark(sets: list[str], systems: list[str], unit_args: list[str], stock_a
 
 def table(rows: list[dict]) -> str:
     names = {"unit": "unit-scaled (default)", "stock": "stock Keras baseline", "fasttext": "fastText"}
-    lines = [f"{'set':<13} {'system':<22} {'accuracy':>8} {'macro-F1':>8} {'ECE':>6} {'wall s':>7}"]
+    lines = [f"{'set':<13} {'system':<22} {'accuracy':>8} {'macro-F1':>8} {'ECE':>6} {'wall s: median (range)':>23} {'CPU s':>6}"]
     for row in rows:
+        spread = f"{row['seconds']:.1f} ({row['seconds_min']:.1f}–{row['seconds_max']:.1f})"
         lines.append(f"{row['set']:<13} {names[row['system']]:<22} {row['accuracy']:>8.2%} {row['macro_f1']:>8.3f} "
-                     f"{row['ece']:>6.3f} {row['seconds']:>7.1f}")
+                     f"{row['ece']:>6.3f} {spread:>23} {row['cpu_seconds']:>6.1f}")
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sets", nargs="+", default=["agnews", "chnsenticorp"],
+    parser.add_argument("--sets", nargs="+", default=["agnews", "chnsenticorp", "polarity"],
                         choices=("agnews", "chnsenticorp", "polarity"))
     parser.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS)
     parser.add_argument("--unit-args", default="", help="extra train.py options for the unit-scaled system")
     parser.add_argument("--stock-args", default="", help="extra train.py options for the baseline")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="train every system this many times (wall seconds: median and range)")
     parser.add_argument("--json", action="store_true", help="print the rows as one JSON document")
     args = parser.parse_args()
-    rows = benchmark(args.sets, args.systems, shlex.split(args.unit_args), shlex.split(args.stock_args))
+    rows = benchmark(args.sets, args.systems, shlex.split(args.unit_args), shlex.split(args.stock_args),
+                     args.repeats)
     print(json.dumps(rows, indent=1) if args.json else table(rows))
 
 
