@@ -708,8 +708,8 @@ def embedding_bag(ids: tf.Tensor, table: tf.Tensor, typical_count: float) -> tf.
     for a bag of independent unit rows: the bag's table starts at zero (``layers.UnitEmbeddingBag``), so there
     is no initial scale to keep, and what α sets is how fast the output moves under Adam, which moves every
     element of every row of a text by about η per step, coherently. With α = d^-½ the mean moves like the
-    readout it feeds (also α = d^-½). Measured (README, "Text classification"): √n̄ made the table ≈ 20×
-    faster than the readout, and the best learning rate then gave 0.4–0.5 % less accuracy on both dev sets.
+    readout it feeds (also α = d^-½). √n̄ made the table ≈ 20× faster than the readout, and its best
+    learning rate then gave 0.4–0.5 points less accuracy on both dev sets (README, "Text classification").
 
     Only the batch's distinct rows are read (``tf.unique``, then ``tf.gather``: a ResourceGather when ``table``
     is a variable) and summed per text by ``tf.sparse.segment_sum``, so the gradient is one IndexedSlices row
