@@ -1,5 +1,6 @@
-"""Resumable training: exact mid-epoch checkpoints, Ctrl-C that saves, and the last good step on a NaN loss
-(and TensorBoard logs whose failed writes stop training with one line, :class:`TensorBoardLogs`).
+"""Resumable training: exact mid-epoch checkpoints, validation-driven stopping that keeps the best weights,
+Ctrl-C that saves, and the last good step on a NaN loss (and TensorBoard logs whose failed writes stop training
+with one line, :class:`TensorBoardLogs`).
 
 Why not ``keras.callbacks.BackupAndRestore``: with ``save_freq="epoch"`` it only resumes at epoch boundaries
 (an epoch of a large corpus can take hours), and with ``save_freq=N`` steps it restarts the interrupted epoch
@@ -8,11 +9,22 @@ training batches are a pure function of the global step (``data.lm_train_batches
 ``data.classify_train_batches``), so a resumed run restores weights and optimizer state, skips exactly the
 steps already taken, and sees the same batches an uninterrupted run would.
 
+Evaluation periods: validation runs at each epoch end and, with ``eval_every`` N, also every N steps
+(:func:`evaluation_periods`). Each period between two evaluations is one Keras "epoch" of ``model.fit``, so
+Keras's own validation, callbacks and logs work unchanged; ``TrainingState.epoch`` counts completed periods.
+
+Best weights (:class:`ValidationStopping`, a ``keras.callbacks.EarlyStopping``): after each evaluation the run
+remembers the step of its lowest validation loss and stops after ``patience`` evaluations without a new best.
+Keras's ``restore_best_weights`` keeps them in memory only, which a resumed process has lost; here the best
+step's checkpoint file is simply kept on disk (every evaluation saves a checkpoint anyway), and the best step,
+its validation loss and the count of evaluations since are part of ``state.json``. So a run killed and
+resumed ends with the same best weights and stops at the same evaluation as an uninterrupted one.
+
 Files in ``checkpoints/``: ``step-N.keras`` (model and optimizer variables, ``runs.atomic_save_model``: Keras
 builds the HDF5 part in memory and a full disk fails in Python's I/O, once, not inside h5py, whose
 half-written files failed again when collected and crashed the process) and ``state.json`` {step,
-epoch, batch, history, weights}. ``state.json`` is replaced atomically *after* its weights file is complete,
-and the previous weights file is deleted only then, so a crash at any moment leaves a consistent pair. A
+epoch, batch, history, weights, best_step, ...}. ``state.json`` is replaced atomically *after* its weights file is complete,
+and a previous weights file is deleted only then (unless it holds the best weights), so a crash at any moment leaves a consistent pair. A
 failed write (full disk, ``ulimit -f``) removes its temporary file, raises ``files.WriteError`` ("… while
 writing the checkpoint at step 10") and stops training: nothing more is written, the previous checkpoint
 stays. ``step-N.weights.h5`` checkpoints of earlier versions still restore.
@@ -56,6 +68,21 @@ class TrainingState:
     #: running means of the training metrics over the ``batch`` steps done in the epoch in progress, so that a
     #: run resumed mid-epoch logs the whole epoch's mean, not only the resumed part's
     epoch_means: dict[str, float] = field(default_factory=dict)
+    best_step: int | None = None  # the step whose weights had the lowest validation loss so far
+    best_val_loss: float | None = None
+    best_period: int | None = None  # index of that evaluation (the Keras epoch)
+    wait: int = 0  # evaluations since the best one
+    stopped_early: bool = False  # patience ran out
+
+    @property
+    def best_weights(self) -> str | None:
+        """File name of the best step's checkpoint, kept until a better one replaces it."""
+        return None if self.best_step is None else weights_name(self.best_step)
+
+
+def weights_name(step: int) -> str:
+    """File name of the checkpoint of ``step`` (``step-N.weights.h5`` of earlier versions still restore)."""
+    return f"step-{step}.keras"
 
 
 def load_state(folder: Path) -> TrainingState | None:
@@ -70,54 +97,75 @@ def load_state(folder: Path) -> TrainingState | None:
         return None
     except (OSError, ValueError, TypeError) as exc:
         raise runs.RunError(f"{path}: unreadable checkpoint state ({exc}); pass --overwrite to start afresh") from exc
-    if state.weights and not (folder / state.weights).is_file():
-        raise runs.RunError(f"{folder / state.weights}: checkpoint weights missing; pass --overwrite to start afresh")
+    for name in (state.weights, state.best_weights):
+        if name and not (folder / name).is_file():
+            raise runs.RunError(f"{folder / name}: checkpoint weights missing; pass --overwrite to start afresh")
     return state
 
 
-def restore(model: keras.Model, folder: Path, state: TrainingState) -> None:
-    """Load the checkpointed model and optimizer variables into a compiled model."""
-    if state.weights is None:
+def restore(model: keras.Model, folder: Path, state: TrainingState, name: str | None = None) -> None:
+    """Load the checkpointed model and optimizer variables (of ``name``, default the latest) into a model."""
+    name = name or state.weights
+    if name is None:
         return
     optimizer = getattr(model, "optimizer", None)
     if optimizer is not None and not optimizer.built:
         optimizer.build(model.trainable_variables)
     try:
-        model.load_weights(folder / state.weights)
+        model.load_weights(folder / name)
     except Exception as exc:  # a truncated or foreign file: say which, do not crash
-        raise runs.RunError(f"{folder / state.weights}: cannot load the checkpoint ({type(exc).__name__}); "
+        raise runs.RunError(f"{folder / name}: cannot load the checkpoint ({type(exc).__name__}); "
                             "pass --overwrite to start afresh") from exc
 
 
-def segments(state: TrainingState, steps_per_epoch: int, epochs: int) -> list[tuple[int, int, int]]:
+def evaluation_periods(total_steps: int, steps_per_epoch: int, eval_every: int | None = None) -> list[int]:
+    """Lengths (in steps) of the stretches between validations: one ends at every epoch end and, with
+    ``eval_every`` N, every N steps, and the last at ``total_steps``. E.g. (10, 4, 3) → [3, 1, 2, 2, 1, 1]:
+    validations after steps 3, 4, 6, 8, 9 and 10."""
+    ends = set(range(steps_per_epoch, total_steps + 1, steps_per_epoch)) | {total_steps}
+    if eval_every:
+        ends |= set(range(eval_every, total_steps + 1, eval_every))
+    ends = sorted(ends)
+    return [b - a for a, b in zip([0, *ends[:-1]], ends, strict=True)]
+
+
+def segments(state: TrainingState, periods: list[int]) -> list[tuple[int, int, int]]:
     """The ``model.fit`` calls that finish a run from ``state``: (initial_epoch, epochs, steps_per_epoch).
 
-    Keras cannot start an epoch in the middle, so a run resumed mid-epoch first finishes that epoch with a
-    short fit call, then runs the remaining whole epochs.
+    One Keras epoch per evaluation period; consecutive periods of equal length share a fit call. Keras cannot
+    start an epoch in the middle, so a run resumed mid-period first finishes that period with a short call.
+    Nothing is left once patience has run out.
     """
+    if state.stopped_early:
+        return []
     plan = []
     epoch = state.epoch
-    if state.batch:
-        plan.append((epoch, epoch + 1, steps_per_epoch - state.batch))
+    if state.batch and epoch < len(periods):
+        plan.append((epoch, epoch + 1, periods[epoch] - state.batch))
         epoch += 1
-    if epoch < epochs:
-        plan.append((epoch, epochs, steps_per_epoch))
+    while epoch < len(periods):
+        end = epoch
+        while end < len(periods) and periods[end] == periods[epoch]:
+            end += 1
+        plan.append((epoch, end, periods[epoch]))
+        epoch = end
     return plan
 
 
 class ResumableCheckpoint(keras.callbacks.Callback):
-    """Saves the training state every ``every_steps`` steps, at each epoch end, and when interrupted.
+    """Saves the training state every ``every_steps`` steps (0: never between validations), at the end of each
+    evaluation period, and when interrupted.
 
     Set ``interrupted`` (the SIGINT handler of :func:`stop_on_sigint` does) to save at the end of the current
     batch and stop training. A non-finite loss is never saved: ``nan_step`` records where it happened and the
     last good checkpoint stays (``keras.callbacks.TerminateOnNaN`` stops the run).
     """
 
-    def __init__(self, folder: Path, steps_per_epoch: int, every_steps: int, state: TrainingState) -> None:
+    def __init__(self, folder: Path, periods: list[int], every_steps: int, state: TrainingState) -> None:
         super().__init__()
         self.folder = Path(folder)
-        self.steps_per_epoch = steps_per_epoch
-        self.every_steps = max(1, every_steps)
+        self.periods = list(periods)
+        self.every_steps = every_steps  # 0: only at the end of each evaluation period
         self.state = TrainingState(**asdict(state))
         self.interrupted = False
         self._saved_on_interrupt = False
@@ -140,16 +188,21 @@ class ResumableCheckpoint(keras.callbacks.Callback):
         self.state.step += 1
         self.state.batch += 1
         self.state.epoch_means = self._whole_epoch(logs or {})
-        if interrupted or self.state.step % self.every_steps == 0:
+        if interrupted or self.every_steps and self.state.step % self.every_steps == 0:
             self.save()
         if interrupted:
             self._saved_on_interrupt = True
             self.model.stop_training = True
 
+    def period_complete(self, epoch: int) -> bool:
+        """Whether Keras epoch ``epoch`` (an evaluation period) ran all its steps without a NaN loss."""
+        return self.nan_step is None and epoch < len(self.periods) and self.state.batch >= self.periods[epoch]
+
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        if self.nan_step is not None or self.state.batch < self.steps_per_epoch:
-            return  # a cut-short epoch: its state was saved at its last good batch
+        if not self.period_complete(epoch):
+            return  # a cut-short period: its state was saved at its last good batch
         logs = {**(logs or {}), **self._whole_epoch(logs or {})}
+        logs["step"] = self.state.step
         for key, value in logs.items():
             self.state.history.setdefault(key, []).append(float(value))
         self.state.epoch, self.state.batch, self.state.epoch_means = epoch + 1, 0, {}
@@ -178,22 +231,86 @@ class ResumableCheckpoint(keras.callbacks.Callback):
         return out
 
     def save(self) -> None:
-        """Write step-N.keras, then state.json pointing at it, then delete the previous weights."""
+        """Write step-N.keras, then state.json pointing at it, then delete the weights no longer needed (all but
+        this step's and the best step's)."""
         old = self.state.weights
-        name = f"step-{self.state.step}.keras"
+        name = weights_name(self.state.step)
+        fresh = name != old or not (self.folder / name).is_file()
         with files.writing(f"the checkpoint at step {self.state.step}", self.folder):
-            if name != old:
+            if fresh:
                 runs.atomic_save_model(self.model, self.folder / name)
             try:
                 runs.atomic_write_json(self.folder / STATE, {**asdict(self.state), "weights": name})
             except BaseException:
-                if name != old:  # the previous state.json still points at the previous weights
+                if fresh and name != self.state.best_weights:  # the previous state.json points at older weights
                     (self.folder / name).unlink(missing_ok=True)
                 raise
         self.state.weights = name
         self.saved_step = self.state.step
-        if old and old != name:
-            (self.folder / old).unlink(missing_ok=True)
+        keep = {name, self.state.best_weights}
+        for stale in [*self.folder.glob("step-*.keras"), *self.folder.glob("step-*.weights.h5")]:
+            if stale.name not in keep:
+                stale.unlink(missing_ok=True)
+
+
+class ValidationStopping(keras.callbacks.EarlyStopping):
+    """Keras's ``EarlyStopping`` on ``val_loss`` whose state lives in the run's resumable ``TrainingState``.
+
+    After every complete evaluation period it records a new best (lowest ``val_loss``; step, value, period)
+    in ``saver.state`` and counts evaluations without one (``wait``); after ``patience`` of them it stops
+    training and sets ``state.stopped_early``. ``patience`` 0 never stops. The best weights are kept in memory
+    (``best_weights``, as ``restore_best_weights`` does) and, for a resumed process, in the best step's
+    checkpoint file, which ``ResumableCheckpoint`` keeps; :meth:`restore_best` puts them back at the end.
+    Must come *before* ``saver`` in the callback list, so that the checkpoint saved at an evaluation already
+    holds its outcome.
+    """
+
+    def __init__(self, saver: ResumableCheckpoint, patience: int) -> None:
+        super().__init__(monitor="val_loss", mode="min", patience=patience if patience > 0 else math.inf)
+        self.saver = saver
+        self.best_weights: list | None = None
+
+    @property
+    def state(self) -> TrainingState:
+        return self.saver.state
+
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        """Continue from the saved state (Keras resets it at every ``fit`` call, and a run makes several)."""
+        self.wait, self.best = self.state.wait, self.state.best_val_loss
+        self.best_epoch = self.state.best_period or 0
+        self.stopped_epoch = 0
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        current = (logs or {}).get(self.monitor)
+        if not self.saver.period_complete(epoch) or current is None or not math.isfinite(float(current)):
+            return
+        if self.monitor_op is None:
+            self._set_monitor_op()
+        self.wait += 1
+        if self._is_improvement(float(current), self.best):
+            self.best, self.best_epoch, self.wait = float(current), epoch, 0
+            self.best_weights = self.model.get_weights()
+            self.state.best_step, self.state.best_val_loss, self.state.best_period = (
+                self.state.step, self.best, epoch)
+        elif self.wait >= self.patience:
+            self.stopped_epoch = epoch
+            self.state.stopped_early = True
+            self.model.stop_training = True
+        self.state.wait = self.wait
+
+    def on_train_end(self, logs: dict | None = None) -> None:
+        """Nothing: a run is several ``fit`` calls; :meth:`restore_best` runs once, after the last."""
+
+    def restore_best(self) -> int | None:
+        """Put the best weights back into the model (from memory, or from the best checkpoint file after a
+        resume); returns their step (None when no evaluation happened)."""
+        if self.state.best_step is None or self.state.best_step == self.state.step:
+            return self.state.best_step  # no evaluation, or the weights in the model are the best
+        if self.best_weights is not None:
+            self.model.set_weights(self.best_weights)
+        else:
+            restore(self.model, self.saver.folder, self.state, self.state.best_weights)
+        return self.state.best_step
 
 
 class TensorBoardLogs(keras.callbacks.TensorBoard):

@@ -143,20 +143,39 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help=f"run folder (default {DEFAULT_RUN} for the shipped data, "
                    "else runs/<file name>)")
     p.add_argument("--task", default="auto", choices=("auto", "lm", "classify"))
-    p.add_argument("--arch", default="transformer", choices=("transformer", "cnn", "mlp"))
-    p.add_argument("--tokenizer", default="word", choices=("word", "char", "jieba"))
-    p.add_argument("--lowercase", action="store_true")
-    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--arch", default=None, choices=("transformer", "cnn", "mlp", "bag"),
+                   help="default: transformer (lm), bag = fastText-style bag of word and character n-grams (classify)")
+    p.add_argument("--tokenizer", default=None, choices=("word", "char", "jieba", "wordpunct"),
+                   help="default: word (lm; NLTK + jieba for Chinese), wordpunct (classify with bag: words and "
+                   "punctuation runs, every CJK character a token)")
+    p.add_argument("--lowercase", default=None, action=argparse.BooleanOptionalAction,
+                   help="fold case (default: on for a classifier, off for a language model)")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="at most this many epochs (default 30 lm, 10 classify); validation may stop earlier")
     p.add_argument("--max-steps", type=int, default=None, help="train for this many optimizer steps (split into equal epochs; at most #epochs-1 more when they do not divide it)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--seq-len", type=int, default=64, help="context length (lm) or max tokens per text")
-    p.add_argument("--width", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=None, help="default 16 (lm), 64 (classify; 32 for a --arch other than bag)")
+    p.add_argument("--seq-len", type=int, default=None, help="context length (lm, default 64) or tokens kept "
+                   "per text (classify: default 1000 with bag, 64 otherwise)")
+    p.add_argument("--width", type=int, default=None, help="default 128 (64 for bag)")
     p.add_argument("--depth", type=int, default=4)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: 1e-2 unit-scaled, "
                    "1e-3 with --no-unit-scaling)")
     p.add_argument("--warmup-steps", type=int, default=50)
-    p.add_argument("--dropout", type=float, default=0.0)
+    p.add_argument("--dropout", type=float, default=None, help="default 0")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW's decoupled weight decay (default 0)")
+    p.add_argument("--eval-every", type=int, default=None, metavar="N",
+                   help="also validate every N steps (always at each epoch end)")
+    p.add_argument("--patience", type=int, default=None, metavar="N",
+                   help="stop after N validations without a lower validation loss and keep the best weights "
+                   "(default 5 lm, 2 classify; 0 = never stop early, still keep the best)")
+    p.add_argument("--buckets", type=int, default=100_000,
+                   help="bag: hashed rows for word and character n-grams (default 100000)")
+    p.add_argument("--word-ngrams", type=int, default=2, help="bag: longest word n-gram (default 2)")
+    p.add_argument("--char-ngrams", type=_char_range, default=(3, 5), metavar="MIN-MAX",
+                   help="bag: character n-gram lengths of each word (default 3-5; 0 = none)")
+    p.add_argument("--no-calibration", dest="calibrate", action="store_false",
+                   help="classify: skip temperature scaling on the validation split")
     p.add_argument("--precision", default="float32",
                    choices=("float32", "bfloat16", "float16", "fp8"),
                    help="compute format: bfloat16/float16 = Keras mixed policies (float32 weights), no loss "
@@ -173,12 +192,14 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--tau", type=float, default=None, metavar="T",
                    help="one residual branch weight for every block (default: from the depth, "
                    "tau_k = 1/sqrt(depth + k), ops.residual_taus)")
-    p.add_argument("--embeddings", default="word2vec",
-                   help="'word2vec' (train on the corpus), 'none', or a vectors file (.kv, word2vec .txt/.bin)")
+    p.add_argument("--embeddings", default=None,
+                   help="'word2vec' (train on the corpus), 'none', or a vectors file (.kv, word2vec .txt/.bin); "
+                   "default word2vec, none for bag")
     p.add_argument("--min-count", type=int, default=1)
     p.add_argument("--max-vocab", type=int, default=20000)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-jit", dest="jit_compile", action="store_false", help="disable XLA compilation")
+    p.add_argument("--no-jit", dest="jit_compile", action="store_false", default=None,
+                   help="disable XLA compilation (a classifier never uses it: its batches vary in length)")
     p.add_argument("--strategy", default="auto", choices=("auto", "none", "mirrored", "multiworker"),
                    help="tf.distribute: mirrored = all local GPUs, multiworker = machines named by TF_CONFIG, "
                    "auto = multiworker if TF_CONFIG names >1 worker, else mirrored if >1 GPU, else none")
@@ -194,8 +215,9 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoint")
     p.add_argument("--deterministic", action="store_true",
                    help="TensorFlow's op determinism (bit-identical reruns on GPU; CPU runs already are)")
-    p.add_argument("--checkpoint-every", type=int, default=100, metavar="STEPS",
-                   help="save a resumable checkpoint every STEPS steps and at each epoch end (default 100)")
+    p.add_argument("--checkpoint-every", type=int, default=None, metavar="STEPS",
+                   help="save a resumable checkpoint every STEPS steps and at each validation (default 100 lm, "
+                   "0 = only at each validation for a classifier, whose epochs take seconds)")
     p.add_argument("--log-every", type=int, default=0, metavar="STEPS",
                    help="print step, loss, ms/step and tokens/s every STEPS steps (default 0: every 5 seconds)")
     p.add_argument("--overwrite", action="store_true",
@@ -203,6 +225,16 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON document on stdout")
     p.add_argument("--version", action="version", version=f"llm_unitscale {__version__}")
     return p
+
+
+def _char_range(text: str) -> tuple[int, int]:
+    """--char-ngrams: "MIN-MAX", "N" (= N-N) or "0" (none)."""
+    try:
+        low, _, high = text.partition("-")
+        low, high = int(low), int(high or low)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected MIN-MAX such as 3-5, or 0; got {text!r}") from None
+    return (0, 0) if low == 0 else (low, high)
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -461,7 +493,8 @@ def _evaluate(args: argparse.Namespace) -> int:
         names = [printable(label) for label in metrics["labels"]]
         width = max(len(label) for label in names)
         rows = [f"{printable(path)}: {metrics['examples']} examples, accuracy {metrics['accuracy']:.2%}, "
-                f"macro-F1 {metrics['macro_f1']:.3f}", "confusion (rows true, columns predicted):",
+                f"macro-F1 {metrics['macro_f1']:.3f}, calibration error (ECE) {metrics['ece']:.3f}",
+                "confusion (rows true, columns predicted):",
                 " " * (width + 2) + " ".join(f"{label:>{width}}" for label in names)]
         for label, row in zip(names, metrics["confusion"], strict=True):
             rows.append(f"{label:>{width}}  " + " ".join(f"{v:>{width}}" for v in row))

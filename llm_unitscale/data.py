@@ -34,11 +34,12 @@ stays fast.
   ``keras.utils.set_random_seed``).
 * For evaluation it uses the non-overlapping windows of :func:`lm_windows`, in
   order, keeping the last partial batch.
-* :func:`classify_dataset` pads every example to exactly ``max_len`` tokens with
-  ``pad_id`` (0: models build their mask as ``x != 0``) and truncates longer
-  ones keeping the **first** ``max_len`` tokens (the beginning of a review or
-  a sentence usually carries its topic; callers that want the end can slice
-  their token lists before).
+* :func:`classify_dataset` and :func:`classify_train_batches` pad each batch
+  with ``pad_id`` (0: models build their mask as ``x != 0``) to the length of
+  its own longest example, and truncate longer ones to their **first**
+  ``max_len`` tokens (the beginning of a review or a sentence usually carries
+  its topic). Training batches are bucketed by length
+  (:func:`classify_batch_plan`), so little of each batch is padding.
 """
 
 from __future__ import annotations
@@ -60,7 +61,9 @@ __all__ = [
     "CLASSIFY_THRESHOLD",
     "MAX_TAB_LABEL_CHARS",
     "DataError",
+    "classify_batch_plan",
     "classify_dataset",
+    "classify_steps_per_epoch",
     "classify_split",
     "corpus_hash",
     "detect_task",
@@ -623,8 +626,62 @@ def classify_split(
     return train, val
 
 
+#: Bucketing: an epoch's examples are sorted by length within pools of this many batches (see
+#: :func:`classify_batch_plan`).
+BUCKET_BATCHES = 32
+
+
+def classify_batch_plan(lengths: np.ndarray, batch_size: int, seed: int, epoch: int,
+                        bucket_batches: int = BUCKET_BATCHES) -> list[np.ndarray]:
+    """The batches (arrays of example indices) of one training epoch: shuffled, then bucketed by length.
+
+    The examples are permuted with ``np.random.default_rng([seed, epoch])``, cut into pools of
+    ``bucket_batches × batch_size``, each pool sorted by length (stable) and cut into batches, and the
+    epoch's batches are shuffled again with the same generator. Padding each batch to its own longest
+    example then wastes little (BucketIterator-style, torchtext), while the order stays random. At most
+    one batch per pool is short. A pure function of its arguments, so a resumed run sees the same batches.
+    """
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(len(lengths))
+    pool = batch_size * bucket_batches
+    batches = []
+    for start in range(0, len(order), pool):
+        chunk = order[start : start + pool]
+        chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
+        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
+def classify_steps_per_epoch(n: int, batch_size: int, bucket_batches: int = BUCKET_BATCHES) -> int:
+    """Batches per epoch of :func:`classify_batch_plan` for ``n`` examples."""
+    pool = batch_size * bucket_batches
+    full, rest = divmod(n, pool)
+    return full * bucket_batches + -(-rest // batch_size)
+
+
+def _ragged(token_ids: list, max_len: int) -> tuple[tf.RaggedTensor, np.ndarray]:
+    """The sequences (each cut to its first ``max_len`` ids) as an int32 RaggedTensor, and their lengths."""
+    import tensorflow as tf
+
+    rows = [np.asarray(seq[:max_len], dtype=np.int32) for seq in token_ids]
+    lengths = np.fromiter(map(len, rows), dtype=np.int64, count=len(rows))
+    values = np.concatenate(rows) if rows else np.zeros(0, np.int32)
+    return tf.RaggedTensor.from_row_lengths(values, lengths), lengths
+
+
+def _check_examples(token_ids: list, label_ids: list[int], batch_size: int, max_len: int) -> None:
+    if len(token_ids) != len(label_ids):
+        raise ValueError(f"{len(token_ids)} token sequences but {len(label_ids)} labels")
+    if not len(token_ids):
+        raise ValueError("no examples")
+    if max_len < 1:
+        raise ValueError(f"max_len must be >= 1, got {max_len}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+
+
 def classify_dataset(
-    token_ids: list[list[int]],
+    token_ids: list,
     label_ids: list[int],
     batch_size: int,
     max_len: int,
@@ -632,80 +689,69 @@ def classify_dataset(
     seed: int = 0,
     pad_id: int = 0,
 ) -> tf.data.Dataset:
-    """A ``tf.data.Dataset`` of padded ``(x, y)`` int32 batches.
+    """A ``tf.data.Dataset`` of padded ``(x, y)`` int32 batches: ``x`` (batch, L), ``y`` (batch,).
 
-    ``x`` has shape ``(batch, max_len)`` and ``y`` shape ``(batch,)``.
-
-    Every example is padded with ``pad_id`` (0 by default; models build their
-    mask as ``x != 0``, so id 0 must be reserved for padding) up to exactly
-    ``max_len`` tokens, and longer ones are truncated keeping their **first**
-    ``max_len`` tokens. With ``shuffle`` the examples are reshuffled each epoch,
-    deterministically for ``seed``; the last partial batch is kept in every mode
-    (classification sets are small; no example is dropped). Prefetched by
-    :func:`prefetched`.
+    Each sequence keeps its **first** ``max_len`` ids, and each batch is padded with ``pad_id`` (0 by
+    default; models build their mask as ``x != 0``, so id 0 must be reserved for padding) to the length L of
+    its own longest sequence. ``shuffle=False`` (evaluation) keeps the examples in order; ``shuffle=True``
+    batches one epoch of :func:`classify_batch_plan` (bucketed by length; ``seed``). The last partial batch
+    is kept (classification sets are small; no example is dropped). Prefetched by :func:`prefetched`.
 
     Raises:
-        ValueError: for mismatched lengths, an empty input, ``max_len < 1`` or
-            ``batch_size < 1``.
+        ValueError: for mismatched lengths, an empty input, ``max_len < 1`` or ``batch_size < 1``.
     """
-    import tensorflow as tf
-
-    if len(token_ids) != len(label_ids):
-        raise ValueError(
-            f"{len(token_ids)} token sequences but {len(label_ids)} labels"
-        )
-    if not token_ids:
-        raise ValueError("no examples")
-    if max_len < 1:
-        raise ValueError(f"max_len must be >= 1, got {max_len}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    x = _padded(token_ids, max_len, pad_id)
+    _check_examples(token_ids, label_ids, batch_size, max_len)
+    ragged, lengths = _ragged(token_ids, max_len)
     y = np.asarray(label_ids, dtype=np.int32)
-    dataset = tf.data.Dataset.from_tensor_slices((x, y))
     if shuffle:
-        dataset = dataset.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
-    return prefetched(dataset.batch(batch_size, drop_remainder=False))
+        batches = classify_batch_plan(lengths, batch_size, seed, 0)
+    else:
+        batches = [np.arange(i, min(i + batch_size, len(y))) for i in range(0, len(y), batch_size)]
+    return _batches_dataset(ragged, y, batches, pad_id)
 
 
 def classify_train_batches(
-    token_ids: list[list[int]], label_ids: list[int], batch_size: int, max_len: int, seed: int,
+    token_ids: list, label_ids: list[int], batch_size: int, max_len: int, seed: int,
     start_step: int, stop_step: int, pad_id: int = 0,
 ) -> tf.data.Dataset:
     """Training batches ``start_step … stop_step − 1`` of a classifier, each a pure function of its step.
 
-    With ``S = ceil(n / batch_size)`` steps per epoch, step ``k`` is batch ``b = k mod S`` of epoch
-    ``e = k div S``: examples ``perm_e[b·B : (b+1)·B]`` of the permutation
-    ``tf.random.experimental.stateless_shuffle(range(n), seed=[e, seed])`` (the last batch of an epoch may be
-    short). So a resumed run sees exactly the batches an uninterrupted run sees. Padding as in
-    :func:`classify_dataset`.
+    With ``S`` = :func:`classify_steps_per_epoch` steps per epoch, step ``k`` is batch ``k mod S`` of
+    epoch ``k div S`` of :func:`classify_batch_plan` (shuffled, bucketed by length), padded to its own
+    longest sequence as in :func:`classify_dataset`. So a resumed run sees exactly the batches an
+    uninterrupted run sees.
     """
+    _check_examples(token_ids, label_ids, batch_size, max_len)
+    ragged, lengths = _ragged(token_ids, max_len)
+    per_epoch = classify_steps_per_epoch(len(lengths), batch_size)
+    plans: dict[int, list[np.ndarray]] = {}
+    batches = []
+    for step in range(start_step, stop_step):
+        epoch = step // per_epoch
+        if epoch not in plans:
+            plans = {epoch: classify_batch_plan(lengths, batch_size, seed, epoch)}
+        batches.append(plans[epoch][step % per_epoch])
+    return _batches_dataset(ragged, np.asarray(label_ids, dtype=np.int32), batches, pad_id)
+
+
+def _batches_dataset(ragged: tf.RaggedTensor, y: np.ndarray, batches: list[np.ndarray], pad_id: int
+                     ) -> tf.data.Dataset:
+    """(x, y) per batch of example indices: x the batch's rows of ``ragged`` padded to their longest."""
     import tensorflow as tf
 
-    x = tf.constant(_padded(token_ids, max_len, pad_id))
-    y = tf.constant(np.asarray(label_ids, dtype=np.int32))
-    n = len(label_ids)
-    per_epoch = -(-n // batch_size)
+    width = max((len(b) for b in batches), default=1)
+    index = np.full((len(batches), width), -1, dtype=np.int64)
+    for row, batch in enumerate(batches):
+        index[row, : len(batch)] = batch
+    labels = tf.constant(y)
 
-    def make_batch(step: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        epoch, batch = step // per_epoch, step % per_epoch
-        order = tf.random.experimental.stateless_shuffle(
-            tf.range(n), seed=tf.stack([epoch, tf.constant(seed, tf.int64)])
-        )
-        chosen = order[batch * batch_size : tf.minimum((batch + 1) * batch_size, n)]
-        return tf.gather(x, chosen), tf.gather(y, chosen)
+    def make_batch(chosen: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        chosen = chosen[chosen >= 0]
+        x = tf.gather(ragged, chosen).to_tensor(default_value=pad_id)
+        return tf.ensure_shape(x, [None, None]), tf.gather(labels, chosen)
 
-    steps = tf.data.Dataset.range(start_step, stop_step)
-    return prefetched(steps.map(make_batch, deterministic=True))
-
-
-def _padded(token_ids: list[list[int]], max_len: int, pad_id: int) -> np.ndarray:
-    """(n, max_len) int32: each sequence's first ``max_len`` ids, then ``pad_id``."""
-    x = np.full((len(token_ids), max_len), pad_id, dtype=np.int32)
-    for row, sequence in enumerate(token_ids):
-        kept = np.asarray(sequence[:max_len], dtype=np.int32)
-        x[row, : len(kept)] = kept
-    return x
+    dataset = tf.data.Dataset.from_tensor_slices(index)
+    return prefetched(dataset.map(make_batch, deterministic=True))
 
 
 def label_counts(labels: list[str]) -> dict[str, int]:

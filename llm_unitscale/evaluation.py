@@ -62,32 +62,20 @@ def evaluate_lm(run: Run, text: str, batch_size: int = 32) -> dict:
     }
 
 
-def evaluate_classify(run: Run, lines: list[str], batch_size: int = 64) -> dict:
-    """Accuracy, macro-F1 over the model's labels, per-class precision/recall/F1/support, confusion matrix.
+def classification_scores(gold_ids: np.ndarray, probs: np.ndarray, labels: list[str]) -> dict:
+    """Accuracy, macro-F1 over the labels present, per-class precision/recall/F1/support, confusion matrix and
+    expected calibration error of class probabilities ``probs`` (n, C) against ``gold_ids`` (n,) — −1 for a
+    label the model never saw, which counts as an error."""
+    from llm_unitscale.calibration import expected_calibration_error
 
-    Labels the model has never seen count as errors and are listed under ``unseen_labels``."""
-    gold, texts = data_mod.parse_labelled(lines)
-    if not gold:
-        raise data_mod.DataError("no labelled lines to evaluate (expected '__label__X text' or 'X<TAB>text')")
-    known = run.labels
-    index = {name: i for i, name in enumerate(known)}
-    tokenizer, vocab = run.tokenizer, run.vocab
-    predicted = []
-    for start in range(0, len(texts), batch_size):
-        encoded = [vocab.encode(tokenizer.tokenize(t))[: run.seq_len] or [vocab.unk_id] for t in texts[start : start + batch_size]]
-        batch = np.zeros((len(encoded), max(map(len, encoded))), dtype=np.int32)
-        for row, ids in enumerate(encoded):
-            batch[row, : len(ids)] = ids
-        predicted.extend(np.argmax(np.asarray(run.model(batch, training=False)), axis=-1).tolist())
-    unseen = sorted({g for g in gold if g not in index})
-    gold_ids = np.array([index.get(g, -1) for g in gold])
-    pred_ids = np.array(predicted)
-    confusion = np.zeros((len(known), len(known)), dtype=int)
+    gold_ids = np.asarray(gold_ids)
+    pred_ids = np.argmax(probs, axis=-1)
+    confusion = np.zeros((len(labels), len(labels)), dtype=int)
     for g, p in zip(gold_ids, pred_ids, strict=True):
         if g >= 0:
             confusion[g, p] += 1
     per_class = {}
-    for i, name in enumerate(known):
+    for i, name in enumerate(labels):
         tp = confusion[i, i]
         precision = tp / max(int(np.sum(pred_ids == i)), 1)
         recall = tp / max(int(confusion[i].sum()), 1)
@@ -95,15 +83,34 @@ def evaluate_classify(run: Run, lines: list[str], batch_size: int = 64) -> dict:
         per_class[name] = {"precision": float(precision), "recall": float(recall), "f1": float(f1),
                            "support": int(confusion[i].sum())}
     present = [c for c in per_class.values() if c["support"]]
-    result = {
-        "task": "classify",
+    return {
         "accuracy": float(np.mean(gold_ids == pred_ids)),
         "macro_f1": float(np.mean([c["f1"] for c in present])) if present else 0.0,
+        "ece": expected_calibration_error(probs, gold_ids),
         "per_class": per_class,
         "confusion": confusion.tolist(),
-        "labels": known,
-        "examples": len(gold),
+        "labels": list(labels),
     }
+
+
+def evaluate_classify(run: Run, lines: list[str], batch_size: int = 64) -> dict:
+    """Accuracy, macro-F1 over the model's labels, expected calibration error (15 bins of the top
+    probability, ``calibration.expected_calibration_error``), per-class precision/recall/F1/support, confusion
+    matrix.
+
+    Labels the model has never seen count as errors and are listed under ``unseen_labels``."""
+    from llm_unitscale.inference import classifier_probabilities
+
+    gold, texts = data_mod.parse_labelled(lines)
+    if not gold:
+        raise data_mod.DataError("no labelled lines to evaluate (expected '__label__X text' or 'X<TAB>text')")
+    index = {name: i for i, name in enumerate(run.labels)}
+    probs = np.concatenate([classifier_probabilities(run, texts[start : start + batch_size])
+                            for start in range(0, len(texts), batch_size)])
+    unseen = sorted({g for g in gold if g not in index})
+    result = {"task": "classify",
+              **classification_scores(np.array([index.get(g, -1) for g in gold]), probs, run.labels),
+              "examples": len(gold)}
     if unseen:
         result["unseen_labels"] = {name: gold.count(name) for name in unseen}
     return result

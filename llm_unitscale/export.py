@@ -7,7 +7,8 @@ The SavedModel has one signature, ``serving_default`` (also callable as the ``se
                        float32 (batch, classes)      class logits, order = config.json "labels"  (task "classify")
 
 Softmax of the logits gives the probabilities; tokenisation stays on the client (the run's tokenizer and
-vocabulary, whose config.json and vocab.pkl are copied into ``assets.extra/`` of the export). Positions beyond
+vocabulary, whose config.json and vocab.pkl are copied into ``assets.extra/`` of the export). For the ``bag``
+classifier the ids are its n-gram features (config.json "features": ``preprocessing.ngrams.BagOfNgrams``). Positions beyond
 the run's ``seq_len`` are outside the position table: send at most ``seq_len`` tokens (time may vary per call).
 The unit-scaled custom gradients play no part at inference; the export holds only the forward graph and the
 weights, so loading it needs TensorFlow alone (``tf.saved_model.load``), not this package.

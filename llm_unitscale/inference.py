@@ -135,14 +135,25 @@ def decode_lines(run: Run, ids: list[int]) -> str:
     return "\n".join(run.tokenizer.detokenize(run.vocab.decode(line)) for line in lines)
 
 
+def classifier_probabilities(run: Run, texts: list[str]) -> np.ndarray:
+    """Class probabilities (n, C), in the order of ``run.labels``, of a classifier run for ``texts`` (one batch
+    padded to its longest input; the bag model's n-gram features as in training)."""
+    from llm_unitscale.preprocessing.ngrams import BagOfNgrams
+    from llm_unitscale.training import classify_ids
+
+    features = run.config.get("features")
+    ids = classify_ids(run.tokenizer, run.vocab, texts, run.seq_len,
+                       BagOfNgrams.from_config(features) if features else None)
+    batch = np.zeros((len(ids), max((len(row) for row in ids), default=0)), dtype=np.int32)
+    for row, sequence in enumerate(ids):
+        batch[row, : len(sequence)] = sequence
+    return softmax(np.asarray(run.model(batch, training=False)))
+
+
 def classify(run: Run, texts: list[str], top_k: int = 1) -> list[dict]:
     """Label and probability for each text (and the ``top_k`` best labels)."""
-    encoded = [encode_prompt(run, t) for t in texts]
-    width = max(len(ids) for ids, _ in encoded)
-    batch = np.zeros((len(texts), width), dtype=np.int32)
-    for row, (ids, _) in enumerate(encoded):
-        batch[row, : len(ids)] = ids
-    probs = softmax(np.asarray(run.model(batch, training=False)))
+    encoded = [encode_prompt(run, t) for t in texts]  # input checks and notes
+    probs = classifier_probabilities(run, texts)
     results = []
     for text, (_, notes), p in zip(texts, encoded, probs, strict=True):
         order = np.argsort(-p)

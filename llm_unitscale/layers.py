@@ -502,6 +502,52 @@ class UnitPooling(keras.layers.Layer):
 
 
 @register
+class UnitEmbeddingBag(keras.layers.Layer):
+    """Mean of the embeddings of a bag of ids (B, T) → (B, d), id 0 = padding (:func:`ops.embedding_bag`;
+    ``typical_count``: the n̄ of its backward scale).
+
+    The table is the second documented exception to "weights start N(0, 1)" (after ``UnitReadout``): it starts
+    at **zero** and carries no constraint. Its rows are n-gram features, most of them rare, many hashed buckets
+    never reached in training: an N(0, 1) row is a random unit vector that a feature seen once or never keeps
+    for the whole run, and a text of unseen words then gets a confident random answer (measured: p = 1.0 for
+    "zzzz qqqq" on a two-topic classifier) and every text some noise. From zero, an unseen feature adds exactly
+    nothing and a feature's vector is what training gave it (fastText likewise starts its output matrix at
+    zero). The output starts at 0 and grows with the rows; the readout (small random init) carries the first
+    gradients. ``embeddings_initializer`` overrides it (e.g. "random_normal").
+    """
+
+    def __init__(self, input_dim: int, output_dim: int, typical_count: float, embeddings_constraint: Any = None,
+                 embeddings_initializer: Any = "zeros", **kwargs: Any):
+        super().__init__(**kwargs)
+        self.input_dim = int(input_dim)
+        self.output_dim = int(output_dim)
+        self.typical_count = float(typical_count)
+        self.embeddings_constraint = _constraint(embeddings_constraint, axis=-1)
+        self.embeddings_initializer = keras.initializers.get(embeddings_initializer)
+
+    def build(self, input_shape: tuple | None = None) -> None:
+        self.embeddings = self.add_weight(name="embeddings", shape=(self.input_dim, self.output_dim),
+                                          initializer=self.embeddings_initializer,
+                                          constraint=self.embeddings_constraint)
+
+    def call(self, ids: tf.Tensor) -> tf.Tensor:
+        return ops.embedding_bag(tf.cast(ids, tf.int32), self.embeddings.value, self.typical_count)
+
+    def compute_output_shape(self, input_shape: tuple) -> tuple:
+        return (input_shape[0], self.output_dim)
+
+    def get_config(self) -> dict:
+        return {
+            **super().get_config(),
+            "input_dim": self.input_dim,
+            "output_dim": self.output_dim,
+            "typical_count": self.typical_count,
+            "embeddings_constraint": _ser(self.embeddings_constraint),
+            "embeddings_initializer": keras.initializers.serialize(self.embeddings_initializer),
+        }
+
+
+@register
 class UnitDropout(keras.layers.Layer):
     """``√(1−p)·dropout(x)``: unlike ``keras.layers.Dropout`` it preserves RMS (see :func:`ops.dropout`)."""
 

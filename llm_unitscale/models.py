@@ -10,6 +10,13 @@ inits and loss: the baseline every benchmark compares against.
   pooling for lm; global max pooling for classify) — the seed document's diagram.
 - mlp: Bengio et al. (2003) neural LM: the embeddings of a fixed window of previous tokens, concatenated →
   dense (ReLU) → output; for classify the window is the whole text (mean of embeddings) — the seed's listing.
+- bag (classify only; the default classifier): fastText-style (Joulin et al. 2017) — the ids are a bag of
+  word, word n-gram and character n-gram features (``preprocessing.ngrams.BagOfNgrams``); their vectors are
+  averaged (``ops.embedding_bag``; the stock twin: ``Embedding`` then ``GlobalAveragePooling1D`` over the
+  padding mask), then dropout and the readout. Its table is the one weight without the
+  UnitScaling constraint besides the readout: an uninformative n-gram's vector must be free to shrink and a
+  decisive one's to grow, and normalising its 10⁵ rows after every step would cost more than the step
+  (only the rows of a batch's features are updated: ``optimizers.UnitAdamW(sparse_updates=True)``).
 """
 
 from __future__ import annotations
@@ -23,7 +30,9 @@ from llm_unitscale import layers as unit
 from llm_unitscale import ops, precision
 
 TASKS = ("lm", "classify")
-ARCHS = ("transformer", "cnn", "mlp")
+ARCHS = ("transformer", "cnn", "mlp", "bag")
+#: Architectures that make sense per task (``bag`` has no notion of order, so no language model).
+TASK_ARCHS = {"lm": ("transformer", "cnn", "mlp"), "classify": ARCHS}
 
 
 @keras.saving.register_keras_serializable(package="llm_unitscale")
@@ -88,6 +97,7 @@ def build_model(
     pool_size: int = 3,
     window: int = 5,
     constraint: str | None = "rms",
+    typical_count: float = 64.0,
     name: str | None = None,
     residual_mult: float = 1.0,
     attention_ratio: float = 1.0,
@@ -102,11 +112,12 @@ def build_model(
     ``ops.residual_taus(depth, residual_mult, attention_ratio)`` (the default; unit-scaled transformer only).
     attention_rule: how attention outputs are brought to unit scale (``ops.attention_output``); attention_gain: a
     learnable gain on the heads' outputs (``ops.multi_head_attention``).
+    typical_count: the bag model's typical number of features per text (``ops.bag_mean``'s n̄).
     """
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
-    if arch not in ARCHS:
-        raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
+    if arch not in TASK_ARCHS[task]:
+        raise ValueError(f"arch must be one of {TASK_ARCHS[task]} for task {task!r}, got {arch!r}")
     if task == "classify" and not num_classes:
         raise ValueError("num_classes is required for task='classify'")
     for label, value in (("vocab_size", vocab_size), ("seq_len", seq_len), ("width", width), ("depth", depth)):
@@ -118,9 +129,14 @@ def build_model(
     kit = _UnitKit(constraint, attention_rule, attention_gain) if unit_scaling else _StockKit()
     ids = keras.Input(shape=(None,), dtype="int32", name="token_ids")
     mask = keras.ops.not_equal(ids, 0) if task == "classify" else None
-    x = kit.embedding(vocab_size, width)(ids)
+    if arch == "bag":
+        x = kit.dropout(dropout)(kit.embedding_bag(vocab_size, width, typical_count)(ids, mask))
+    else:
+        x = kit.embedding(vocab_size, width)(ids)
 
-    if arch == "transformer":
+    if arch == "bag":
+        pass  # the readout follows the bag's mean directly
+    elif arch == "transformer":
         x = kit.position(seq_len)(x)
         x = kit.dropout(dropout)(x)
         taus = ops.residual_taus(depth, residual_mult, attention_ratio) if tau is None else [(tau, tau)] * depth
@@ -167,6 +183,10 @@ class _UnitKit:
 
     def embedding(self, vocab: int, width: int) -> keras.layers.Layer:
         return unit.UnitEmbedding(vocab, width, embeddings_constraint=self.table_constraint, name="embedding")
+
+    def embedding_bag(self, vocab: int, width: int, typical_count: float) -> Any:
+        layer = unit.UnitEmbeddingBag(vocab, width, typical_count, name="embedding")
+        return lambda ids, mask: layer(ids)
 
     def position(self, length: int) -> keras.layers.Layer:
         return unit.UnitPositionEmbedding(length, embeddings_constraint=self.table_constraint, name="position")
@@ -215,6 +235,11 @@ class _StockKit:
 
     def embedding(self, vocab: int, width: int) -> keras.layers.Layer:
         return keras.layers.Embedding(vocab, width, name="embedding")
+
+    def embedding_bag(self, vocab: int, width: int, typical_count: float) -> Any:
+        embedding = self.embedding(vocab, width)
+        pool = keras.layers.GlobalAveragePooling1D(name="pool")
+        return lambda ids, mask: pool(embedding(ids), mask=mask)
 
     def position(self, length: int) -> keras.layers.Layer:
         return PositionEmbedding(length, name="position")

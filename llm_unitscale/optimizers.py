@@ -48,6 +48,15 @@ optimizer is built from the model's variables (roles come from the Keras variabl
    hold a different number of rows on each replica, which MirroredStrategy's packed all-reduce rejects
    ("Shape mismatch in the collective instance"; measured with the stock Embedding on 2 CPUs). So the
    baseline also uses this class, with ``lr_rule="uniform", replica_correction=False``.
+
+3. **Sparse (lazy) updates of embedding tables** (``sparse_updates=True``; the bag-of-n-grams classifier, whose
+   table has 10⁵ rows of which a batch touches a few thousand). Keras's Adam turns a table's IndexedSlices
+   gradient dense and updates every row at every step. Here the rows in the batch are updated as Adam would
+   (duplicates summed first), and the others keep their weights *and* moments, as in TF-Addons' ``LazyAdam``:
+
+       m_r ← β₁·m_r + (1−β₁)·g_r,  v_r ← β₂·v_r + (1−β₂)·g_r²,  w_r ← w_r − η·√(1−β₂ᵗ)/(1−β₁ᵗ)·m_r/(√v_r + ε)
+
+   for each row r of the batch. Such tables take no decoupled weight decay (it would touch every row).
 """
 
 from __future__ import annotations
@@ -114,13 +123,16 @@ class UnitAdamW(keras.optimizers.AdamW):
     replica's gradients by √R (R = replicas in sync); for unit-scaled models only.
     """
 
-    def __init__(self, *args: Any, lr_rule: str = "umup", replica_correction: bool = True, **kwargs: Any):
+    def __init__(self, *args: Any, lr_rule: str = "umup", replica_correction: bool = True,
+                 sparse_updates: bool = False, **kwargs: Any):
         if lr_rule not in LR_RULES:
             raise ValueError(f"lr_rule must be one of {LR_RULES}, got {lr_rule!r}")
         super().__init__(*args, **kwargs)
         self.lr_rule = lr_rule
         self.replica_correction = bool(replica_correction)
+        self.sparse_updates = bool(sparse_updates)
         self._multipliers: dict[Any, float] = {}
+        self._sparse: set[Any] = set()
         self.multipliers_by_path: dict[str, float] = {}
 
     def build(self, var_list: list) -> None:
@@ -128,6 +140,12 @@ class UnitAdamW(keras.optimizers.AdamW):
         by_path = umup_multipliers(var_list) if self.lr_rule == "umup" else {v.path: 1.0 for v in var_list}
         self.multipliers_by_path = by_path
         self._multipliers = {self._var_key(v): by_path[v.path] for v in var_list}
+        if self.sparse_updates:
+            self._sparse = {self._var_key(v) for v in var_list
+                            if variable_role(v.path, tuple(int(d) for d in v.shape)) == "embedding"}
+
+    def _use_weight_decay(self, variable: Any) -> bool:
+        return self._var_key(variable) not in self._sparse and super()._use_weight_decay(variable)
 
     def multiplier(self, variable: Any) -> float:
         """m(v) of a model variable (1.0 for one the optimizer was not built with)."""
@@ -154,7 +172,27 @@ class UnitAdamW(keras.optimizers.AdamW):
         m = self.multiplier(variable)
         if m != 1.0:
             learning_rate = learning_rate * m
-        super().update_step(gradient, variable, learning_rate)
+        if isinstance(gradient, tf.IndexedSlices) and self._var_key(variable) in self._sparse:
+            self._lazy_update(gradient, variable, learning_rate)
+        else:
+            super().update_step(gradient, variable, learning_rate)
+
+    def _lazy_update(self, gradient: tf.IndexedSlices, variable: Any, learning_rate: Any) -> None:
+        """Adam on the rows of ``gradient`` only (module docstring, 3)."""
+        dtype = variable.dtype
+        rows, position = tf.unique(gradient.indices)
+        g = tf.math.unsorted_segment_sum(tf.cast(gradient.values, dtype), position, tf.shape(rows)[0])
+        step = tf.cast(self.iterations + 1, dtype)
+        alpha = tf.cast(learning_rate, dtype) * tf.sqrt(1.0 - tf.pow(tf.cast(self.beta_2, dtype), step)) / (
+            1.0 - tf.pow(tf.cast(self.beta_1, dtype), step))
+        index = self._get_variable_index(variable)
+        m_var, v_var = self._momentums[index], self._velocities[index]
+        m = self.beta_1 * tf.gather(m_var.value, rows) + (1.0 - self.beta_1) * g
+        v = self.beta_2 * tf.gather(v_var.value, rows) + (1.0 - self.beta_2) * tf.square(g)
+        self.assign(m_var, tf.IndexedSlices(m, rows))
+        self.assign(v_var, tf.IndexedSlices(v, rows))
+        self.assign_sub(variable, tf.IndexedSlices(alpha * m / (tf.sqrt(v) + self.epsilon), rows))
 
     def get_config(self) -> dict:
-        return {**super().get_config(), "lr_rule": self.lr_rule, "replica_correction": self.replica_correction}
+        return {**super().get_config(), "lr_rule": self.lr_rule, "replica_correction": self.replica_correction,
+                "sparse_updates": self.sparse_updates}

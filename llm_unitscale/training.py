@@ -30,9 +30,27 @@ from llm_unitscale.step_log import StepLog
 
 #: Default peak learning rate: unit-scaled vs stock Keras baseline (from the sweep; see the module docstring).
 DEFAULT_LR = {True: 1e-2, False: 1e-3}
+#: Character-level language models (``--tokenizer char``): from the sweep of README "What makes the unit-scaled
+#: language model learn" (warpeace, nanoGPT's CPU recipe); word-level ones keep ``DEFAULT_LR``, which the same
+#: rule change left best on word-level news (lee_background, 600 steps: 6.09 at 1e-2, 6.78 at 3e-2).
+CHAR_LM_LR = {True: 3e-2, False: 2e-3}
+#: The bag-of-n-grams classifier's default peak learning rates (README, "Choosing the classifier's defaults").
+BAG_LR = {True: 3e-2, False: 3e-3}
+#: Options whose default depends on the task: ``None`` in :class:`TrainConfig` means "the task's default".
+#: Language model: the values of every earlier version. Classifier: the bag-of-n-grams model and the
+#: settings chosen by measurement (README, "Choosing the classifier's defaults").
+TASK_DEFAULTS: dict[str, dict[str, Any]] = {
+    "lm": dict(arch="transformer", tokenizer="word", lowercase=False, epochs=30, batch_size=16, seq_len=64,
+               width=128, dropout=0.0, embeddings="word2vec", patience=5, jit_compile=True, checkpoint_every=100),
+    "classify": dict(arch="bag", tokenizer="wordpunct", lowercase=True, epochs=10, batch_size=64, seq_len=1000,
+                     width=64, dropout=0.0, embeddings="none", patience=2, jit_compile=False, checkpoint_every=0),
+}
+#: A classifier other than ``bag`` (a sequence model over token ids) keeps the earlier classifier defaults.
+SEQUENCE_CLASSIFIER_DEFAULTS = dict(tokenizer="word", seq_len=64, width=128, embeddings="word2vec", patience=3,
+                                    batch_size=32)
 #: What must match between an interrupted run and its --resume (other options, e.g. --lr, may change).
 RESUME_KEYS = ("data_sha256", "task", "arch", "vocab_size", "width", "depth", "heads", "seq_len", "batch_size",
-               "epochs", "max_steps", "unit_scaling", "seed", "tokenizer")
+               "epochs", "max_steps", "unit_scaling", "seed", "tokenizer", "eval_every", "patience", "features")
 #: --precision → the model's Keras dtype policy (mixed policies, simulated fp8, keras-float8: see precision.py).
 PRECISIONS = precision_mod.POLICIES
 
@@ -48,36 +66,42 @@ class TrainConfig:
     data: str = "data/dataset.txt"
     out: str = "runs/default"
     task: str = "auto"
-    arch: str = "transformer"
-    tokenizer: str = "word"
-    lowercase: bool = False
-    epochs: int = 30
+    arch: str | None = None  # None = the task's default (TASK_DEFAULTS), likewise for every None below
+    tokenizer: str | None = None
+    lowercase: bool | None = None
+    epochs: int | None = None  # a ceiling: validation may stop the run earlier (patience)
     max_steps: int | None = None
-    batch_size: int = 16
-    seq_len: int = 64
-    width: int = 128
+    batch_size: int | None = None
+    seq_len: int | None = None
+    width: int | None = None
     depth: int = 4
     heads: int = 4
     lr: float | None = None
     warmup_steps: int = 50
     weight_decay: float = 0.0
-    dropout: float = 0.0
+    dropout: float | None = None
     tau: float | None = None  # residual branch weight; None: from the depth (ops.residual_taus)
     constraint: str | None = "rms"
     precision: str = "float32"
     loss_scaling: bool = False  # wrap the optimizer in keras.optimizers.LossScaleOptimizer (float16 baseline)
     track_scales: int = 0  # record per-layer scales every N steps (scale_tracker.ScaleTracker); 0 = off
     unit_scaling: bool = True
-    embeddings: str = "word2vec"
+    embeddings: str | None = None
     min_count: int = 1
     max_vocab: int | None = 20000
     val_fraction: float = 0.1
     seed: int = 0
-    jit_compile: bool = True
+    jit_compile: bool | None = None
+    eval_every: int | None = None  # also validate every N steps (always at each epoch end)
+    patience: int | None = None  # stop after this many validations without a new best val loss; 0 = never
+    buckets: int = 100_000  # bag: hashed rows for word and character n-grams (preprocessing.ngrams)
+    word_ngrams: int = 2  # bag: longest word n-gram
+    char_ngrams: tuple[int, int] = (3, 5)  # bag: character n-gram lengths; (0, 0) = none
+    calibrate: bool = True  # classify: temperature scaling on the validation split (calibration.py)
     encoding: str = "utf-8"
     errors: str = "strict"
     resume: bool = False
-    checkpoint_every: int = 100
+    checkpoint_every: int | None = None  # also save a checkpoint every N steps (0: only at each validation)
     log_every: int = 0  # print a progress line every N steps; 0 = every few seconds (step_log.StepLog)
     deterministic: bool = False
     overwrite: bool = False
@@ -86,23 +110,65 @@ class TrainConfig:
     lr_rule: str = "uniform"  # uniform | umup: per-parameter lr multipliers (llm_unitscale.optimizers)
 
     def learning_rate(self) -> float:
-        return self.lr if self.lr is not None else DEFAULT_LR[self.unit_scaling]
+        if self.lr is not None:
+            return self.lr
+        if self.arch == "bag":
+            return BAG_LR[self.unit_scaling]
+        if self.task == "lm" and self.tokenizer == "char":
+            return CHAR_LM_LR[self.unit_scaling]
+        return DEFAULT_LR[self.unit_scaling]
+
+    def with_task_defaults(self, task: str) -> TrainConfig:
+        """This config for ``task`` ("lm" or "classify") with every option left at None set to the task's
+        default (:data:`TASK_DEFAULTS`; a classifier other than ``bag`` takes
+        :data:`SEQUENCE_CLASSIFIER_DEFAULTS`)."""
+        defaults = dict(TASK_DEFAULTS[task])
+        if task == "classify" and self.arch not in (None, "bag"):
+            defaults.update(SEQUENCE_CLASSIFIER_DEFAULTS)
+        chosen = {name: value if (value := getattr(self, name)) is not None else default
+                  for name, default in defaults.items()}
+        if task == "classify":  # batches of varying length: XLA would compile every new shape again
+            chosen["jit_compile"] = False
+        return dataclasses.replace(self, task=task, **chosen)
 
     def validate(self) -> None:
-        """Reject impossible sizes with a one-line ValueError before any work is done."""
-        for name in ("epochs", "batch_size", "seq_len", "width", "depth", "heads", "min_count", "checkpoint_every"):
+        """Reject impossible sizes with a one-line ValueError before any work is done (options still at
+        None, the task's defaults, are checked once :meth:`with_task_defaults` has set them)."""
+        for name in ("epochs", "batch_size", "seq_len", "width", "depth", "heads", "min_count", "buckets",
+                     "word_ngrams"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
+            if value is not None and (not isinstance(value, int) or value < 1):
                 raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
-        limits = {"seq_len": 8192, "width": 8192, "depth": 128, "batch_size": 65536}
+        limits = {"seq_len": 8192, "width": 8192, "depth": 128, "batch_size": 65536, "buckets": 10_000_000}
         for name, top in limits.items():
-            if getattr(self, name) > top:
+            if (getattr(self, name) or 0) > top:
                 raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)} is too large (at most {top})")
         if not isinstance(self.log_every, int) or self.log_every < 0:
             raise ConfigError(f"--log-every must be a number of steps >= 0 (0 = every few seconds), got {self.log_every}")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise ConfigError(f"--max-steps must be a positive integer, got {self.max_steps}")
-        if self.arch == "transformer" and self.width % self.heads:
+        for name in ("max_steps", "eval_every"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+        if self.patience is not None and (not isinstance(self.patience, int) or self.patience < 0):
+            raise ConfigError(f"--patience must be a number of validations >= 0 (0 = never stop early), "
+                              f"got {self.patience}")
+        if self.checkpoint_every is not None and (not isinstance(self.checkpoint_every, int)
+                                                  or self.checkpoint_every < 0):
+            raise ConfigError(f"--checkpoint-every must be a number of steps >= 0 (0 = only at each validation), "
+                              f"got {self.checkpoint_every}")
+        low, high = self.char_ngrams
+        if (low, high) != (0, 0) and not 1 <= low <= high <= 20:
+            raise ConfigError(f"--char-ngrams must be MIN-MAX with 1 <= MIN <= MAX <= 20, or 0, got {low}-{high}")
+        if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"--dropout must be in [0, 1), got {self.dropout}")
+        from llm_unitscale.models import ARCHS, TASK_ARCHS
+
+        if self.arch is not None and self.arch not in ARCHS:
+            raise ConfigError(f"--arch must be one of {', '.join(ARCHS)}, got {self.arch}")
+        if self.task in TASK_ARCHS and self.arch is not None and self.arch not in TASK_ARCHS[self.task]:
+            raise ConfigError(f"--arch {self.arch} cannot train a {'language model' if self.task == 'lm' else self.task}"
+                              f"; choose one of {', '.join(TASK_ARCHS[self.task])}")
+        if self.arch == "transformer" and self.width is not None and self.width % self.heads:
             raise ConfigError(f"--width {self.width} must be divisible by --heads {self.heads}")
         if not 0.0 < self.val_fraction < 0.5:
             raise ConfigError(f"--val-fraction must be in (0, 0.5), got {self.val_fraction}")
@@ -142,6 +208,7 @@ class Corpus:
     val: Any
     val_text: str
     token_lines: list[list[str]]  # training tokens per line (for Word2Vec)
+    features: Any = None  # classify with arch "bag": the preprocessing.ngrams.BagOfNgrams recipe
 
 
 def split_tail(text: str, fraction: float) -> tuple[str, str]:
@@ -208,6 +275,30 @@ def keeps_empty_lines(tokenizer: Any) -> bool:
     return getattr(tokenizer, "mode", None) == "char"
 
 
+def classify_ids(tokenizer: Any, vocab: Any, texts: list[str], max_tokens: int, features: Any = None,
+                 token_lines: list[list[str]] | None = None) -> list[Any]:
+    """A classifier's input ids for each text: its first ``max_tokens`` tokens' vocabulary ids (``[<unk>]``
+    for a text with no token), or with ``features`` (a ``BagOfNgrams``) their bag of n-gram features (empty
+    for a text with no token: the model then falls back on its bias, the class prior). ``token_lines``:
+    the texts already tokenised."""
+    if token_lines is None:
+        token_lines = [tokenizer.tokenize(t) for t in texts]
+    token_lines = [tokens[:max_tokens] for tokens in token_lines]
+    if features is not None:
+        return features.encode(token_lines, vocab)
+    return [vocab.encode(tokens) or [vocab.unk_id] for tokens in token_lines]
+
+
+def bag_features(cfg: TrainConfig, vocab: Any) -> Any:
+    """The bag-of-n-grams recipe of a run (``preprocessing.ngrams.BagOfNgrams``), or None for other archs."""
+    if cfg.arch != "bag":
+        return None
+    from llm_unitscale.preprocessing.ngrams import BagOfNgrams
+
+    low, high = cfg.char_ngrams
+    return BagOfNgrams(len(vocab), cfg.buckets, cfg.word_ngrams, low or 1, high)
+
+
 def prepare_corpus(cfg: TrainConfig, text: str) -> Corpus:
     """Detect the task, split train/validation, tokenise and build the vocabulary from the training part."""
     from llm_unitscale.preprocessing import Tokenizer, Vocabulary
@@ -216,6 +307,7 @@ def prepare_corpus(cfg: TrainConfig, text: str) -> Corpus:
     path = cfg.data
     lines = text.split("\n")
     task = cfg.task if cfg.task != "auto" else data_mod.detect_task(lines, path)
+    cfg = cfg.with_task_defaults(task)
     tokenizer = Tokenizer(mode=cfg.tokenizer, lowercase=cfg.lowercase)
     if task == "lm":
         train_text, val_text = split_tail(text, cfg.val_fraction)
@@ -246,16 +338,13 @@ def prepare_corpus(cfg: TrainConfig, text: str) -> Corpus:
     token_lines = [tokenizer.tokenize(t) for t in train_texts]
     vocab = Vocabulary.build([t for t in token_lines if t], min_count=cfg.min_count, max_size=cfg.max_vocab)
     index = {name: i for i, name in enumerate(names)}
-
-    def encode(label_list: list[str], text_list: list[str]) -> tuple[list[list[int]], list[int]]:
-        return [vocab.encode(tokenizer.tokenize(t)) or [vocab.unk_id] for t in text_list], [
-            index[label] for label in label_list
-        ]
-
+    features = bag_features(cfg, vocab)
+    train_ids = classify_ids(tokenizer, vocab, train_texts, cfg.seq_len, features, token_lines)
+    val_ids = classify_ids(tokenizer, vocab, val_texts, cfg.seq_len, features)
     val_text = "".join(f"__label__{label} {t}\n" for label, t in zip(val_labels, val_texts, strict=True))
     return Corpus(
-        task, tokenizer, vocab, names, encode(train_labels, train_texts), encode(val_labels, val_texts),
-        val_text, token_lines,
+        task, tokenizer, vocab, names, (train_ids, [index[label] for label in train_labels]),
+        (val_ids, [index[label] for label in val_labels]), val_text, token_lines, features,
     )
 
 
@@ -277,11 +366,13 @@ def datasets(cfg: TrainConfig, corpus: Corpus) -> tuple[Callable[[int, int], Any
         val = data_mod.lm_dataset(corpus.val, cfg.seq_len, batch, shuffle=False)
         return train, val, data_mod.lm_steps_per_epoch(len(corpus.train), cfg.seq_len, batch)
 
-    def train(start: int, stop: int) -> Any:  # noqa: F811 (one of the two per task)
-        return data_mod.classify_train_batches(*corpus.train, batch, cfg.seq_len, cfg.seed, start, stop)
+    longest = corpus.features.max_features if corpus.features is not None else cfg.seq_len
 
-    val = data_mod.classify_dataset(*corpus.val, batch, cfg.seq_len, shuffle=False)
-    return train, val, max(1, math.ceil(len(corpus.train[1]) / batch))
+    def train(start: int, stop: int) -> Any:  # noqa: F811 (one of the two per task)
+        return data_mod.classify_train_batches(*corpus.train, batch, longest, cfg.seed, start, stop)
+
+    val = data_mod.classify_dataset(*corpus.val, batch, longest, shuffle=False)
+    return train, val, data_mod.classify_steps_per_epoch(len(corpus.train[1]), batch)
 
 
 def epoch_plan(steps_per_epoch: int, epochs: int, max_steps: int | None) -> tuple[int, int]:
@@ -315,6 +406,8 @@ def init_embeddings(cfg: TrainConfig, corpus: Corpus, model: Any, work: Path, lo
     table = model.get_layer("embedding").embeddings
     if not cfg.unit_scaling:  # keep the stock model's init scale: rows at the RMS of its initial table
         matrix = matrix * float(np.sqrt(np.mean(np.square(table.numpy()))))
+    if matrix.shape[0] < table.shape[0]:  # bag: the vocabulary's rows come first, then the n-gram buckets
+        matrix = np.concatenate([matrix, table.numpy()[matrix.shape[0]:]])
     table.assign(matrix.astype(table.dtype))
     emb.save_keyed_vectors(kv, work / runs.EMBEDDINGS)
     print(f"embeddings: {cfg.embeddings}, coverage {coverage:.1%} of the vocabulary", file=log)
@@ -343,19 +436,24 @@ class Throughput(keras.callbacks.Callback):
         return self.steps * self.tokens_per_step / self.seconds if self.seconds else 0.0
 
 
-def plot_history(history: dict, path: Path) -> None:
-    """training.png: loss and accuracy per epoch, train and validation."""
+def plot_history(history: dict, path: Path, steps_per_epoch: int) -> None:
+    """training.png: loss and accuracy at each validation (x: epochs, fractional with ``--eval-every``),
+    train and validation; a dotted line marks the validation whose weights were kept."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    at = [step / steps_per_epoch for step in history.get("step", [])]
+    best = int(np.argmin(history["val_loss"])) if history.get("val_loss") else None
     for ax, key in zip(axes, ("loss", "accuracy"), strict=True):
         for prefix, style in (("", "-"), ("val_", "--")):
             values = history.get(prefix + key)
             if values:
-                ax.plot(range(1, len(values) + 1), values, style, label=(prefix or "train_") + key)
+                ax.plot(at or range(1, len(values) + 1), values, style, label=(prefix or "train_") + key)
+        if best is not None and at:
+            ax.axvline(at[best], color="grey", linestyle=":", label="kept")
         ax.set_xlabel("epoch")
         ax.set_title(key)
         ax.legend()
@@ -393,7 +491,7 @@ def make_optimizer(cfg: TrainConfig, lr: float, total_steps: int) -> keras.optim
     )
     return optimizers.UnitAdamW(
         schedule, weight_decay=cfg.weight_decay, beta_2=0.99, lr_rule=cfg.lr_rule if cfg.unit_scaling else "uniform",
-        replica_correction=cfg.unit_scaling,
+        replica_correction=cfg.unit_scaling, sparse_updates=cfg.arch == "bag",
     )
 
 
@@ -495,19 +593,27 @@ def _train_into(cfg: TrainConfig, writer: Any, log: TextIO) -> dict:
     keras.utils.set_random_seed(cfg.seed)
     if cfg.deterministic:  # CPU kernels already are; on GPU this picks deterministic (slower) ones
         tf.config.experimental.enable_op_determinism()
+    given_task = cfg.task
+    task = cfg.task if cfg.task != "auto" else data_mod.detect_task(text.split("\n"), cfg.data)
+    cfg = cfg.with_task_defaults(task)
+    cfg.validate()
     corpus = prepare_corpus(cfg, text)
-    print(f"task: {corpus.task} ({'auto-detected' if cfg.task == 'auto' else 'given'}), "
+    print(f"task: {corpus.task} ({'auto-detected' if given_task == 'auto' else 'given'}), "
           f"vocabulary {len(corpus.vocab)}" + (f", labels {corpus.labels}" if corpus.labels else ""), file=log)
     train_batches, val_ds, steps_per_epoch = datasets(cfg, corpus)
     epochs, steps_per_epoch = epoch_plan(steps_per_epoch, cfg.epochs, cfg.max_steps)
     total_steps = epochs * steps_per_epoch
+    periods = checkpoint.evaluation_periods(total_steps, steps_per_epoch, cfg.eval_every)
+    typical = typical_count(corpus)
 
     precision_mod.apply(cfg.precision)  # Keras global dtype policy + the fp8 switch
     with distribution_scope(cfg):
         model = build_model(
-            task=corpus.task, arch=cfg.arch, vocab_size=len(corpus.vocab), seq_len=cfg.seq_len, width=cfg.width,
-            depth=cfg.depth, heads=cfg.heads, num_classes=len(corpus.labels) if corpus.labels else None,
-            unit_scaling=cfg.unit_scaling, dropout=cfg.dropout, tau=cfg.tau, constraint=cfg.constraint,
+            task=corpus.task, arch=cfg.arch,
+            vocab_size=corpus.features.num_features if corpus.features else len(corpus.vocab),
+            seq_len=cfg.seq_len, width=cfg.width, depth=cfg.depth, heads=cfg.heads,
+            num_classes=len(corpus.labels) if corpus.labels else None, unit_scaling=cfg.unit_scaling,
+            dropout=cfg.dropout, tau=cfg.tau, constraint=cfg.constraint, typical_count=typical,
         )
         extra = init_embeddings(cfg, corpus, model, work, log)
         lr = cfg.learning_rate()
@@ -522,6 +628,8 @@ def _train_into(cfg: TrainConfig, writer: Any, log: TextIO) -> dict:
         "tokenizer_mode": cfg.tokenizer,
         "labels": corpus.labels,
         "vocab_size": len(corpus.vocab),
+        "features": corpus.features.get_config() if corpus.features else None,
+        "typical_count": typical,
         "params": int(model.count_params()),
         "data_sha256": data_mod.corpus_hash(text),
         "steps": total_steps,
@@ -539,71 +647,151 @@ def _train_into(cfg: TrainConfig, writer: Any, log: TextIO) -> dict:
     runs.atomic_write_bytes(work / runs.VALIDATION, corpus.val_text.encode("utf-8"))
     runs.atomic_write_json(work / runs.CONFIG, config)
 
-    tokens_per_step = cfg.batch_size * cfg.seq_len  # classify: padded tokens per batch
-    throughput = Throughput(tokens_per_step)
+    throughput = Throughput(tokens_per_step(cfg, corpus))
     checkpoints.mkdir(exist_ok=True)
     state = state or checkpoint.TrainingState()
     checkpoint.restore(model, checkpoints, state)
-    saver = checkpoint.ResumableCheckpoint(checkpoints, steps_per_epoch, cfg.checkpoint_every, state)
-    step_log = StepLog(total_steps, tokens_per_step, log, every=cfg.log_every, log_dir=work / "logs",
+    saver = checkpoint.ResumableCheckpoint(checkpoints, periods, cfg.checkpoint_every, state)
+    stopping = checkpoint.ValidationStopping(saver, cfg.patience)
+    step_log = StepLog(total_steps, throughput.tokens_per_step, log, every=cfg.log_every, log_dir=work / "logs",
                        first_step=state.step)
-    callbacks = [saver, *make_callbacks(cfg, work, throughput, val_ds), step_log]
-    print(f"training {config['params']:,} parameters for {total_steps} steps "
-          f"({epochs} epochs × {steps_per_epoch}), lr {lr:g}, {cfg.precision}"
+    callbacks = [stopping, saver, *make_callbacks(cfg, work, throughput, val_ds), step_log]
+    every = f", validating every {cfg.eval_every} steps and each epoch" if cfg.eval_every else ""
+    print(f"training {config['params']:,} parameters for at most {total_steps} steps "
+          f"({epochs} epochs × {steps_per_epoch}{every}), lr {lr:g}, {cfg.precision}"
+          + (f", patience {cfg.patience}" if cfg.patience else "")
           + (f"; resuming at step {state.step}" if state.step else ""), file=log)
     done = state.step
     with contextlib.redirect_stdout(log), checkpoint.stop_on_sigint(saver):  # progress bars → stderr
-        for initial_epoch, end_epoch, steps in checkpoint.segments(state, steps_per_epoch, epochs):
+        for initial_epoch, end_epoch, steps in checkpoint.segments(state, periods):
             stop = done + steps * (end_epoch - initial_epoch)
             model.fit(
                 train_batches(done, stop), validation_data=val_ds, initial_epoch=initial_epoch, epochs=end_epoch,
                 steps_per_epoch=steps, callbacks=callbacks, verbose=2,  # step lines come from StepLog
                 shuffle=False,  # batches are already drawn per step (data.lm_train_batches); Keras would warn
             )
-            done = stop
-            if saver.stopped:
+            done = saver.state.step
+            if saver.stopped or saver.state.stopped_early:
                 break
     if saver.nan_step is not None:
         last = (f"the last good checkpoint is step {saver.saved_step} in {checkpoints}" if saver.saved_step
                 else "no checkpoint was saved before it")
         raise FloatingPointError(f"training diverged: the loss became NaN/inf at step {saver.nan_step}; {last}; "
                                  "try a smaller --lr")
-    if saver.interrupted and saver.state.step < total_steps:  # a Ctrl-C after the last step changes nothing
+    if saver.interrupted and saver.state.step < total_steps and not saver.state.stopped_early:
         raise checkpoint.TrainingInterrupted(f"interrupted at step {saver.state.step} of {total_steps}; "
                                              f"checkpoint saved in {checkpoints}")
     history = saver.state.history
-
-    val_loss = history["val_loss"][-1]
+    stopping.restore_best()
+    outcome = stop_outcome(saver.state, total_steps, steps_per_epoch, cfg.patience)
+    best = outcome["best_index"]
     metrics = {
         "task": corpus.task,
-        "loss": history["loss"][-1],
-        "val_loss": val_loss,
-        "val_accuracy": history["val_accuracy"][-1],
-        **({"val_perplexity": math.exp(min(val_loss, 700.0))} if corpus.task == "lm" else {}),
+        "loss": history["loss"][best],
+        "val_loss": history["val_loss"][best],
+        "val_accuracy": history["val_accuracy"][best],
+        **({"val_perplexity": math.exp(min(history["val_loss"][best], 700.0))} if corpus.task == "lm" else {}),
+        **{k: v for k, v in outcome.items() if k != "best_index"},
     }
+    if corpus.task == "classify" and cfg.calibrate:
+        metrics.update(calibrate(model, val_ds))
     runs.atomic_save_model(model, work / runs.MODEL)
     runs.atomic_write_json(work / runs.HISTORY, history)
     runs.atomic_write_json(work / runs.METRICS, metrics)
-    plot_history(history, work / runs.PLOT)
+    plot_history(history, work / runs.PLOT, steps_per_epoch)
     writer.publish()
     return {
         "run": str(out),
         "task": corpus.task,
         "params": config["params"],
-        "steps": total_steps,
+        "steps": saver.state.step,
+        "max_steps": total_steps,
         "tokens_per_second": round(throughput.tokens_per_second, 1),
         "seconds": round(time.perf_counter() - started, 2),
         **{k: v for k, v in metrics.items() if k != "task"},
     }
 
 
+def typical_count(corpus: Corpus) -> float:
+    """n̄ of the bag model's mean (``ops.bag_mean``): the median number of features of a training text."""
+    if corpus.features is None:
+        return 64.0
+    return float(max(np.median([len(ids) for ids in corpus.train[0]]), 1.0))
+
+
+def tokens_per_step(cfg: TrainConfig, corpus: Corpus) -> float:
+    """Tokens (language model) or input ids (classifier: the mean per text × the batch) of a training step."""
+    if corpus.task == "lm":
+        return cfg.batch_size * cfg.seq_len
+    return cfg.batch_size * float(np.mean([len(ids) for ids in corpus.train[0]]))
+
+
+def stop_outcome(state: checkpoint.TrainingState, total_steps: int, steps_per_epoch: int, patience: int) -> dict:
+    """Where the kept weights come from and why training stopped, for metrics.json and the summary.
+
+    ``stopped``: "early" (``patience`` validations without a new best) or "budget" (all ``total_steps`` ran);
+    ``val_loss_rising``: the validations since the best one (3 or more and the run was not stopped early: the
+    model was overfitting and a smaller ``--epochs`` would have done), ``stop_reason``: the same in words.
+    """
+    history = state.history
+    best_index = int(np.argmin(history["val_loss"]))
+    best_step = int(history["step"][best_index])
+    evaluations = len(history["val_loss"])
+    since = evaluations - 1 - best_index
+    where = f"step {best_step} (epoch {best_step / steps_per_epoch:.3g})"
+    if state.stopped_early:
+        stopped = "early"
+        reason = (f"stopped early at step {state.step} of {total_steps}: the validation loss has not improved for "
+                  f"{since} validations; kept the weights of {where}")
+    else:
+        stopped = "budget"
+        reason = f"ran all {total_steps} steps; "
+        if since >= 3:
+            reason += (f"the validation loss rose for the last {since} validations (overfitting): kept the weights "
+                       f"of {where}; fewer --epochs would do")
+        elif since:
+            reason += f"kept the weights of {where}, the best of {evaluations} validations"
+        else:
+            reason += "the last validation was the best"
+    return {"best_index": best_index, "best_step": best_step, "best_epoch": round(best_step / steps_per_epoch, 3),
+            "evaluations": evaluations, "stopped": stopped, "val_loss_rising": since, "stop_reason": reason,
+            "last_val_loss": history["val_loss"][-1]}
+
+
+def calibrate(model: Any, val_ds: Any) -> dict:
+    """Temperature scaling on the validation split (``calibration``): fit T, fold it into the readout, and
+    return T with the validation loss and expected calibration error before and after."""
+    from llm_unitscale import calibration
+
+    logits, labels = [], []
+    for x, y in val_ds:
+        logits.append(np.asarray(model(x, training=False), dtype=np.float64))
+        labels.append(np.asarray(y))
+    logits, labels = np.concatenate(logits), np.concatenate(labels)
+    temperature = calibration.fit_temperature(logits, labels)
+    calibration.fold_temperature(model, temperature)
+    probs = np.exp(calibration.log_softmax(logits / temperature))
+    return {
+        "temperature": round(temperature, 4),
+        "val_loss_uncalibrated": calibration.nll(logits, labels),
+        "val_loss": calibration.nll(logits / temperature, labels),
+        "val_ece_uncalibrated": calibration.expected_calibration_error(np.exp(calibration.log_softmax(logits)),
+                                                                       labels),
+        "val_ece": calibration.expected_calibration_error(probs, labels),
+    }
+
+
 def summary_text(summary: dict) -> str:
     """The human-readable end-of-training summary."""
+    calibrated = (f" (calibrated: temperature {summary['temperature']:.2f}, ECE {summary['val_ece']:.3f})"
+                  if "temperature" in summary else "")
     lines = [
         f"trained a {summary['task']} model: {summary['params']:,} parameters, {summary['steps']} steps, "
         f"{summary['tokens_per_second']:,.0f} tokens/s, {summary['seconds']:.1f} s",
+        summary["stop_reason"],
         f"val loss {summary['val_loss']:.4f}, val accuracy {summary['val_accuracy']:.2%}"
-        + (f", val perplexity {summary['val_perplexity']:.2f}" if "val_perplexity" in summary else ""),
+        + (f", val perplexity {summary['val_perplexity']:.2f}" if "val_perplexity" in summary else "")
+        + calibrated,
         f"saved to {summary['run']}",
     ]
     return "\n".join(lines)

@@ -299,7 +299,7 @@ def test_classify_split_stratified() -> None:
     assert different[1][1] != val_texts
 
 
-def test_classify_dataset_padding_and_truncation() -> None:
+def test_classify_dataset_pads_each_batch_to_its_longest_and_truncates() -> None:
     import tensorflow as tf
 
     tokens = [[5, 6, 7], list(range(1, 21)), [9]]
@@ -307,14 +307,13 @@ def test_classify_dataset_padding_and_truncation() -> None:
         tokens, [0, 1, 2], batch_size=2, max_len=8, shuffle=False
     )
     x_spec, y_spec = dataset.element_spec
-    assert x_spec.shape.as_list() == [None, 8] and y_spec.shape.as_list() == [None]
+    assert x_spec.shape.as_list() == [None, None] and y_spec.shape.as_list() == [None]
     assert x_spec.dtype == tf.int32 and y_spec.dtype == tf.int32
     batches = [(x.numpy(), y.numpy()) for x, y in dataset]
-    assert [b[0].shape for b in batches] == [(2, 8), (1, 8)]
-    x = np.concatenate([b[0] for b in batches])
-    np.testing.assert_array_equal(x[0], [5, 6, 7, 0, 0, 0, 0, 0])
-    np.testing.assert_array_equal(x[1], list(range(1, 9)))  # keeps the FIRST max_len
-    np.testing.assert_array_equal(x[2], [9, 0, 0, 0, 0, 0, 0, 0])
+    assert [b[0].shape for b in batches] == [(2, 8), (1, 1)]  # no fixed width: the batch's own longest
+    np.testing.assert_array_equal(batches[0][0][0], [5, 6, 7, 0, 0, 0, 0, 0])
+    np.testing.assert_array_equal(batches[0][0][1], list(range(1, 9)))  # keeps the FIRST max_len
+    np.testing.assert_array_equal(batches[1][0], [[9]])
     np.testing.assert_array_equal(np.concatenate([b[1] for b in batches]), [0, 1, 2])
 
 
@@ -329,6 +328,27 @@ def test_classify_dataset_shuffle_deterministic() -> None:
     assert epoch(0) == epoch(0)
     assert sorted(epoch(0)) == labels
     assert epoch(0) != labels
+
+
+def test_training_batches_are_bucketed_by_length_and_a_pure_function_of_the_step() -> None:
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 200, 1000)
+    tokens = [list(range(1, n + 1)) for n in lengths]
+    labels = list(range(1000))
+    per_epoch = data.classify_steps_per_epoch(1000, 16)
+    assert per_epoch == 63  # 1000 = 1 pool of 32 × 16 + 488 = 30 full batches and a short one
+    whole = [(x.numpy(), y.numpy()) for x, y in data.classify_train_batches(tokens, labels, 16, 500, 0, 0, 2 * per_epoch)]
+    assert sorted(np.concatenate([y for _, y in whole[:per_epoch]]).tolist()) == labels  # each example once
+    padded = sum(x.size for x, _ in whole[:per_epoch])
+    assert padded < 1.15 * lengths.sum()  # bucketing: little padding (a fixed width would be 200 per row)
+    assert all((x[:, -1] != 0).any() for x, _ in whole)  # every batch is as long as its longest row
+    later = [(x.numpy(), y.numpy()) for x, y in data.classify_train_batches(tokens, labels, 16, 500, 0, 70, 75)]
+    for (x, y), (x2, y2) in zip(whole[70:75], later, strict=True):  # a resumed run sees the same batches
+        np.testing.assert_array_equal(x, x2)
+        np.testing.assert_array_equal(y, y2)
+    first_epoch = np.concatenate([y for _, y in whole[:per_epoch]])
+    second_epoch = np.concatenate([y for _, y in whole[per_epoch:]])
+    assert first_epoch.tolist() != second_epoch.tolist()  # every epoch is shuffled anew
 
 
 def test_corpus_hash() -> None:

@@ -210,6 +210,24 @@ def _mlp_case() -> Case:
 
 _IDS = np.random.default_rng(7).integers(0, V, (B, T)).astype(np.int32)
 
+
+def _bag_ids() -> tuple[np.ndarray, float]:
+    """Bags of ids 1…V−1 of 40–64 valid ids per row (id 0 pads the rest), and their mean length n̄."""
+    rng = np.random.default_rng(8)
+    ids = rng.integers(1, V, (B, T)).astype(np.int32)
+    lengths = rng.integers(40, T + 1, B)
+    ids[np.arange(T)[None, :] >= lengths[:, None]] = 0
+    return ids, float(lengths.mean())
+
+
+def _embedding_bag_case() -> Case:
+    ids, typical = _bag_ids()
+    n = int((ids != 0).sum())
+    # custom / exact = √W·n̄·√(V/N) (ops.embedding_bag: exact × one constant); the forward, d^-½ times a mean,
+    # is exempt (the layer's table starts at zero: test_embedding_bag_is_the_mean_of_the_valid_rows)
+    return Case(lambda table: ops.embedding_bag(tf.constant(ids), table, typical), {"table": _u(V, W)},
+                {"table": math.sqrt(W) * typical * math.sqrt(V / n)}, exempt={"out"})
+
 CASES: dict[str, Callable[[], Case]] = {
     "dense_256_256": lambda: _dense_case(256, 256),
     "dense_256_1024": lambda: _dense_case(256, 1024),
@@ -235,6 +253,7 @@ CASES: dict[str, Callable[[], Case]] = {
     "embedding": lambda: Case(
         lambda table: ops.embedding(tf.constant(_IDS), table), {"table": _u(V, W)}, {"table": math.sqrt(V / N)}
     ),
+    "embedding_bag": _embedding_bag_case,
     "conv1d_causal": lambda: _conv_case("causal"),
     "conv1d_same": lambda: _conv_case("same"),
     "conv1d_valid": lambda: _conv_case("valid"),
@@ -423,6 +442,17 @@ def test_graph_with_unknown_batch_and_time(name: str) -> None:
     scale = max(float(np.abs(b).max()) for b in grads)
     for a, b in zip(grads_graph, grads, strict=True):
         np.testing.assert_allclose(np.asarray(tf.convert_to_tensor(a)), b, rtol=1e-4, atol=1e-5 * scale)
+
+
+def test_embedding_bag_is_the_mean_of_the_valid_rows_and_ignores_padding() -> None:
+    ids, typical = _bag_ids()
+    table = _u(V, W)
+    y = ops.embedding_bag(tf.constant(ids), tf.constant(table), typical).numpy()
+    for row in range(B):
+        valid = ids[row][ids[row] != 0]
+        np.testing.assert_allclose(y[row], W**-0.5 * table[valid].mean(axis=0), rtol=1e-5, atol=1e-5)
+    empty = ops.embedding_bag(tf.zeros((2, 3), tf.int32), tf.constant(table), typical).numpy()
+    np.testing.assert_array_equal(empty, 0.0)  # a text with no known feature: zero vector, the readout's bias
 
 
 def test_global_max_pool_unknown_length_in_graph() -> None:

@@ -91,3 +91,23 @@ def test_make_optimizer_follows_the_config() -> None:
     assert stock.lr_rule == "uniform" and not stock.replica_correction
     assert float(keras.ops.convert_to_numpy(unit.learning_rate)) == 0.0  # warm-up starts at 0
     assert math.isclose(unit._learning_rate.warmup_target, 0.3)
+
+
+def test_sparse_updates_move_only_the_batch_rows_as_adam_would() -> None:
+    """Lazy Adam on a table: the rows in the gradient move exactly as dense Adam moves them (duplicates summed),
+    every other row keeps its weights and moments; such a table takes no weight decay."""
+    table = keras.Variable(np.random.default_rng(0).standard_normal((10, 3)).astype("float32"), name="embeddings")
+    dense = keras.Variable(np.array(table.numpy()), name="embeddings")
+    lazy = optimizers.UnitAdamW(0.1, lr_rule="uniform", sparse_updates=True, weight_decay=0.5)
+    plain = optimizers.UnitAdamW(0.1, lr_rule="uniform", weight_decay=0.0)
+    lazy.build([table])
+    plain.build([dense])
+    before = table.numpy()
+    for step in range(3):
+        values = tf.constant(np.random.default_rng(step).standard_normal((3, 3)).astype("float32"))
+        rows = tf.constant([1, 4, 4])  # row 4 twice: summed
+        lazy.apply([tf.IndexedSlices(values, rows, tf.constant([10, 3]))], [table])
+        plain.apply([tf.convert_to_tensor(tf.IndexedSlices(values, rows, tf.constant([10, 3])))], [dense])
+    np.testing.assert_allclose(table.numpy()[[1, 4]], dense.numpy()[[1, 4]], rtol=1e-5, atol=1e-6)
+    untouched = [0, 2, 3, 5, 6, 7, 8, 9]
+    np.testing.assert_array_equal(table.numpy()[untouched], before[untouched])

@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from gensim.test.utils import datapath
 from helpers import ROOT, TINY, ok_json, script, scripts_in_parallel
@@ -155,7 +156,7 @@ def test_a_checkpoint_killed_while_saving_weights_keeps_the_previous_one(tmp_pat
     import keras
 
     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
-    saver = checkpoint.ResumableCheckpoint(tmp_path, steps_per_epoch=10, every_steps=1,
+    saver = checkpoint.ResumableCheckpoint(tmp_path, periods=[10], every_steps=1,
                                            state=checkpoint.TrainingState())
     saver.set_model(model)
     saver.on_train_batch_end(0, {"loss": 1.0})
@@ -220,3 +221,81 @@ def test_resumed_mid_epoch_logs_the_whole_epochs_mean(corpus: Path, tmp_path: Pa
     resumed = training.train(training.TrainConfig(out=str(tmp_path / "cut"), resume=True, **common),
                              log=io.StringIO())
     same_metrics(reference, resumed)
+
+
+def test_evaluation_periods_end_at_every_epoch_and_every_n_steps() -> None:
+    assert checkpoint.evaluation_periods(10, 4) == [4, 4, 2]
+    assert checkpoint.evaluation_periods(10, 4, 3) == [3, 1, 2, 2, 1, 1]  # after steps 3 4 6 8 9 10
+    assert checkpoint.evaluation_periods(12, 6, 2) == [2, 2, 2, 2, 2, 2]
+    periods = [3, 3, 3, 1, 2, 2]
+    assert checkpoint.segments(checkpoint.TrainingState(), periods) == [(0, 3, 3), (3, 4, 1), (4, 6, 2)]
+    # resumed 2 steps into period 1: finish it, then the rest
+    state = checkpoint.TrainingState(step=5, epoch=1, batch=2)
+    assert checkpoint.segments(state, periods) == [(1, 2, 1), (2, 3, 3), (3, 4, 1), (4, 6, 2)]
+    assert checkpoint.segments(checkpoint.TrainingState(step=9, epoch=3, stopped_early=True), periods) == []
+
+
+@pytest.fixture(scope="module")
+def polarity(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("polarity") / "polarity.txt"
+    path.write_text(Path(datapath("pang_lee_polarity.cor")).read_text(encoding="cp1252"), encoding="utf-8")
+    return path
+
+
+def classifier_config(data: Path, out: Path, **options: object) -> training.TrainConfig:
+    """A small bag classifier that overfits 180 sentences within a few epochs, validated every 2 steps."""
+    options = {"epochs": 12, "batch_size": 16, "width": 16, "buckets": 5000, "lr": 0.1, "eval_every": 2,
+               "checkpoint_every": 3, **options}
+    return training.TrainConfig(data=str(data), out=str(out), **options)
+
+
+def test_early_stopping_keeps_the_best_weights_and_survives_resume(polarity: Path, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The validation loss bottoms out and rises: the run stops after --patience validations without a new
+    best, publishes the best step's weights and says so; killed after its best step and resumed, it stops at
+    the same validation with the same weights."""
+    import io
+
+    import keras
+
+    reference = training.train(classifier_config(polarity, tmp_path / "ref", patience=3), log=io.StringIO())
+    assert reference["stopped"] == "early" and reference["steps"] < reference["max_steps"]
+    history = json.loads((tmp_path / "ref" / "history.json").read_text())
+    best = int(np.argmin(history["val_loss"]))
+    assert reference["best_step"] == history["step"][best] and len(history["val_loss"]) == best + 4  # patience 3
+    assert reference["val_loss_uncalibrated"] == pytest.approx(history["val_loss"][best], rel=1e-6)
+    assert "stopped early" in reference["stop_reason"] and f"step {reference['best_step']}" in reference["stop_reason"]
+    assert "stopped early" in training.summary_text(reference)
+
+    original = checkpoint.ResumableCheckpoint.on_train_batch_end
+    cut = reference["best_step"] + 1  # after the best weights, before the stop
+
+    def stop_after_best(self: checkpoint.ResumableCheckpoint, batch: int, logs: dict | None = None) -> None:
+        if self.state.step == cut - 1:
+            self.interrupted = True
+        original(self, batch, logs)
+
+    monkeypatch.setattr(checkpoint.ResumableCheckpoint, "on_train_batch_end", stop_after_best)
+    with pytest.raises(checkpoint.TrainingInterrupted, match=f"interrupted at step {cut} of"):
+        training.train(classifier_config(polarity, tmp_path / "cut", patience=3), log=io.StringIO())
+    monkeypatch.setattr(checkpoint.ResumableCheckpoint, "on_train_batch_end", original)
+    resumed = training.train(classifier_config(polarity, tmp_path / "cut", patience=3, resume=True),
+                             log=io.StringIO())
+    for key in ("steps", "best_step", "stopped", "val_loss", "val_accuracy", "temperature"):
+        assert resumed[key] == pytest.approx(reference[key], rel=TOLERANCE), key
+    weights = [keras.models.load_model(tmp_path / name / runs.MODEL, compile=False).get_weights()
+               for name in ("ref", "cut")]
+    for a, b in zip(*weights, strict=True):
+        np.testing.assert_allclose(a, b, rtol=TOLERANCE, atol=1e-7)
+
+
+def test_patience_0_runs_every_step_and_still_keeps_the_best(polarity: Path, tmp_path: Path) -> None:
+    import io
+
+    summary = training.train(classifier_config(polarity, tmp_path / "all", patience=0, epochs=4, eval_every=3,
+                                               lr=1.0),  # overfits by step 9 of 48
+                             log=io.StringIO())
+    history = json.loads((tmp_path / "all" / "history.json").read_text())
+    assert summary["stopped"] == "budget" and summary["steps"] == summary["max_steps"]
+    assert summary["best_step"] == history["step"][int(np.argmin(history["val_loss"]))] < summary["steps"]
+    assert summary["val_loss_rising"] >= 3 and "rose for the last" in summary["stop_reason"]

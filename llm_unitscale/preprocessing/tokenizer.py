@@ -1,4 +1,4 @@
-"""Text tokenizer: NLTK for alphabetic scripts, jieba (or single characters) for CJK, or plain characters.
+r"""Text tokenizer: NLTK for alphabetic scripts, jieba (or single characters) for CJK, or plain characters.
 
 Three modes:
 
@@ -20,6 +20,12 @@ Three modes:
     Every character is a token, spaces included, so a character-level model learns spacing.
 ``"jieba"``
     ``jieba.lcut`` on the whole string; whitespace tokens are dropped.
+``"wordpunct"``
+    NLTK's ``WordPunctTokenizer`` rule, ``\w+|[^\w\s]+`` (runs of letters and digits, runs of other
+    symbols), except that every CJK character is a token of its own. One regular expression: about 15×
+    faster than ``"word"`` and needs no jieba. The classifier's default: its n-gram features
+    (``preprocessing.ngrams``) recover words from characters, and NLTK's finer English rules (``n't``,
+    abbreviations) measured no better there.
 
 Options: ``lowercase`` lowercases the tokens; ``punctuation=False`` drops tokens made only of
 punctuation (Unicode category ``P*``, CJK punctuation and NLTK's ````` / ``''`` quote tokens included).
@@ -55,7 +61,7 @@ from nltk.tokenize import NLTKWordTokenizer
 
 __all__ = ["MODES", "Tokenizer", "TokenizerError", "is_wordlike", "jieba_available", "normalize_text"]
 
-MODES: tuple[str, ...] = ("word", "char", "jieba")
+MODES: tuple[str, ...] = ("word", "char", "jieba", "wordpunct")
 _CJK_MODES: tuple[str, ...] = ("jieba", "char")
 _INSTALL_HINT = 'install it with: pip install "llm-unitscale[zh]"'
 
@@ -89,6 +95,8 @@ _CJK_CORE = (
 _CJK_SHARED = "\u2018\u2019\u201c\u201d\u2026\u2014\u2015\u00b7"
 _CJK_RUN_RE = re.compile(f"[{_CJK_SHARED}]*(?:[{_CJK_CORE}]+[{_CJK_SHARED}]*)+")
 _CJK_CHAR_RE = re.compile(f"[{_CJK_CORE}]")
+# "wordpunct" mode: a CJK character, a run of other word characters, or a run of other non-space symbols
+_WORDPUNCT_RE = re.compile(f"[{_CJK_CORE}]|[^\\W{_CJK_CORE}]+|[^\\w\\s{_CJK_CORE}]+")
 _CURLY_APOSTROPHE_RE = re.compile(r"(?<=[^\W\d_])\u2019(?=[^\W\d_])")
 # Unicode format characters (category Cf, Unicode 15.1; tests/test_data_safety.py checks this Python's database).
 _FORMAT_RE = re.compile(
@@ -276,7 +284,7 @@ class Tokenizer:
             raise TokenizerError("tokenizer options 'lowercase', 'punctuation' and 'normalize' must be true or false")
         if cjk is not None and cjk not in _CJK_MODES:
             raise TokenizerError(f"unknown cjk segmentation {cjk!r}; expected 'jieba' or 'char'")
-        if mode == "char":
+        if mode in ("char", "wordpunct"):
             resolved = "char"
         elif mode == "jieba":
             resolved = "jieba"
@@ -325,6 +333,8 @@ class Tokenizer:
             text = normalize_text(text)
         if self.mode == "char":
             tokens = list(text)
+        elif self.mode == "wordpunct":
+            tokens = _WORDPUNCT_RE.findall(text)
         elif self.mode == "jieba":
             tokens = _jieba_cut(text)
         else:
