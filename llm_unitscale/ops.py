@@ -316,11 +316,26 @@ def conv1d(
     n_out = _conv_rows(x, k, dilation_rate, tf_padding)
     beta_w = rsqrt(n_out)
     x, kernel = fp8_matmul_inputs(x, kernel)
-    y = tf.nn.conv1d(x, scaled(kernel, alpha, beta_w), stride=1, padding=tf_padding, dilations=dilation_rate)
-    y = fp8_matmul_output(y)
+    y = fp8_matmul_output(_weight_conv(x, kernel, alpha, beta_w, tf_padding, dilation_rate))
     if bias is not None:
         y = y + scaled(bias, alpha, beta_w)
     return y
+
+
+def _weight_conv(x: tf.Tensor, kernel: tf.Tensor, alpha: float, beta_w: Scale, padding: str, dilation: int
+                 ) -> tf.Tensor:
+    """``conv1d(x, α·W)``; backward ∂x = conv_transpose(g, αW), ∂W = β_w·filter_grad(x, g).
+
+    As :func:`_weight_matmul`: float16 applies β_w (= N^-½) to g *before* the filter gradient sums over the N
+    output rows, so the sum stays near unit scale instead of √N times it (which overflows float16's 65504 at a
+    few thousand correlated rows): the output's gradient is scaled by β_w and the input's by 1/β_w, which
+    leaves ∂x exact. The other dtypes keep ``conv1d(x, scaled(W, α, β_w))``.
+    """
+    if _EXACT_GRADIENTS or x.dtype != tf.float16:
+        return tf.nn.conv1d(x, scaled(kernel, alpha, beta_w), stride=1, padding=padding, dilations=dilation)
+    x = scale_bwd(x, 1.0 / beta_w if _is_python_number(beta_w) else tf.math.reciprocal(beta_w))
+    y = tf.nn.conv1d(x, scaled(kernel, alpha, 1.0), stride=1, padding=padding, dilations=dilation)
+    return scale_bwd(y, beta_w)
 
 
 def _conv_rows(x: tf.Tensor, k: int, dilation: int, padding: str) -> int | tf.Tensor:

@@ -58,7 +58,7 @@ LAYERS: dict[str, tuple[Callable[[], keras.layers.Layer], bool, dict[str, str]]]
 # Known deviations (reported)
 XFAIL_LAYERS = {
     "transformer_block_layer_norm_bias": "attention_norm/beta RMS ≈ 6.6: a shared shift of the attention input "
-    "reaches v as a shared value bias, which attention's √n_i output scale amplifies (see test_ops ∂b_v)",
+    "reaches v as a shared value bias, whose gradient grows as √(T/2) (see test_ops ∂b_v)",
 }
 
 
