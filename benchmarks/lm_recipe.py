@@ -1,0 +1,153 @@
+"""nanoGPT's CPU recipe, character level, unit-scaled vs the stock-Keras twin, as a user runs it.
+
+    python benchmarks/lm_recipe.py [--corpora warpeace sanguo] [--steps 2000] [--eval-every 250]
+                                   [--repeats 1] [--lr-unit X] [--lr-stock X] [--plot FILE] [--json]
+
+The recipe (nanoGPT's README, "I only have a macbook"): 4 layers, 4 heads, width 128, context 64, batch 12,
+2000 steps, character tokens. Each system is the real command, ``train.py DATA --tokenizer char …`` in a child
+process (``--no-unit-scaling`` for the stock twin), on the first 90 % of ``../shared/data/CORPUS.txt``; the
+validation loss is over the whole last 10 % (nats per character), every ``--eval-every`` steps.
+
+Reported per system: the validation loss at each evaluation, the wall seconds to it from the command's start,
+the whole command's wall time, the start-up (command start to the first optimizer step: imports, reading,
+tokenising, building, tracing) and the time after the last validation (saving the run). With ``--repeats N``
+each system runs N times with seeds 0…N−1 and the table gives the median and the range. nanoGPT's figures
+(its own estimate over 20 random validation batches, on this machine class) are printed as a reference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+RECIPE = ["--tokenizer", "char", "--batch-size", "12", "--seq-len", "64", "--width", "128", "--depth", "4",
+          "--heads", "4"]
+#: nanoGPT on this machine class (its CPU recipe, 2000 steps): validation loss and wall seconds.
+NANOGPT = {"warpeace": (1.760, 73.0), "sanguo": (4.774, 120.0)}
+STEP_LINE = re.compile(r"^step (\d+)/\d+ .*?([\d.]+) ms/step")
+
+
+def run_once(data: Path, unit: bool, lr: float | None, steps: int, eval_every: int, seed: int) -> dict:
+    """One ``train.py`` command; the stderr lines are timestamped as they arrive."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "run"
+        command = [sys.executable, str(ROOT / "train.py"), str(data), "--out", str(out), *RECIPE,
+                   "--max-steps", str(steps), "--eval-every", str(eval_every), "--log-every", "50",
+                   "--seed", str(seed), "--json"]
+        command += [] if unit else ["--no-unit-scaling"]
+        command += [] if lr is None else ["--lr", str(lr)]
+        started = time.perf_counter()
+        child = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                 env={**os.environ, "PYTHONPATH": str(ROOT)})
+        first_step = None
+        validations: list[float] = []
+        assert child.stderr is not None
+        for line in child.stderr:
+            now = time.perf_counter() - started
+            if first_step is None and (match := STEP_LINE.match(line.strip())):
+                first_step = now - int(match.group(1)) * float(match.group(2)) / 1000.0
+            if "val_loss" in line:
+                validations.append(now)
+        stdout = child.stdout.read() if child.stdout else ""
+        code = child.wait()
+        wall = time.perf_counter() - started
+        if code != 0:
+            raise SystemExit(f"error: {' '.join(command)} exited {code}")
+        json.loads(stdout)  # the run's summary: a valid document, or the run failed
+        history = json.loads((out / "history.json").read_text())
+        lr_used = json.loads((out / "config.json").read_text()).get("learning_rate")
+    val = history["val_loss"]
+    seconds = validations[-len(val):] if len(validations) >= len(val) else [float("nan")] * len(val)
+    return {"steps": [int(s) for s in history["step"]], "val_loss": val, "seconds_to": seconds, "wall": wall,
+            "startup": first_step if first_step is not None else float("nan"),
+            "after_last_validation": wall - seconds[-1], "lr": lr_used, "final": val[-1]}
+
+
+def spread(values: list[float]) -> str:
+    """Median and range of one or more runs."""
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.median(values):.3f} [{min(values):.3f}–{max(values):.3f}]"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--corpora", nargs="+", default=["warpeace", "sanguo"])
+    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--eval-every", type=int, default=250)
+    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--lr-unit", type=float, default=None, help="default: the package's default")
+    p.add_argument("--lr-stock", type=float, default=None, help="default: the package's default")
+    p.add_argument("--plot", type=Path, default=None, help="PNG of validation loss against wall seconds")
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args()
+
+    results: dict[str, dict[str, list[dict]]] = {}
+    for corpus in args.corpora:
+        data = DATA / f"{corpus}.txt"
+        results[corpus] = {"unit": [], "stock": []}
+        for seed in range(args.repeats):  # alternate the systems so that machine load hits both alike
+            for name, unit, lr in (("unit", True, args.lr_unit), ("stock", False, args.lr_stock)):
+                result = run_once(data, unit, lr, args.steps, args.eval_every, seed)
+                results[corpus][name].append(result)
+                print(f"{corpus} {name} seed {seed}: val {result['final']:.4f}, {result['wall']:.1f} s",
+                      file=sys.stderr, flush=True)
+
+    if args.json:
+        print(json.dumps({"recipe": RECIPE, "steps": args.steps, "nanogpt": NANOGPT, "results": results}, indent=1))
+    else:
+        for corpus, systems in results.items():
+            steps = systems["unit"][0]["steps"]
+            print(f"\n{corpus}: validation loss (nats/char, whole held-out tail) at step; seconds; "
+                  f"{args.repeats} run(s) each")
+            print(f"{'system':<8} {'lr':>7} " + " ".join(f"{s:>7}" for s in steps)
+                  + f" {'wall s':>16} {'start-up s':>11} {'after s':>8}")
+            for name, runs in systems.items():
+                cells = [statistics.median(r["val_loss"][i] for r in runs) for i in range(len(steps))]
+                print(f"{name:<8} {runs[0]['lr'] or 0:>7.0e} " + " ".join(f"{c:>7.3f}" for c in cells)
+                      + f" {spread([r['wall'] for r in runs]):>16}"
+                      + f" {statistics.median(r['startup'] for r in runs):>11.1f}"
+                      + f" {statistics.median(r['after_last_validation'] for r in runs):>8.1f}")
+            unit = [r["final"] for r in systems["unit"]]
+            stock = [r["final"] for r in systems["stock"]]
+            print(f"final: unit {spread(unit)}, stock {spread(stock)}, "
+                  f"unit − stock {statistics.median(unit) - statistics.median(stock):+.3f}")
+            if corpus in NANOGPT:
+                print(f"nanoGPT (reference, same recipe): {NANOGPT[corpus][0]:.3f} in {NANOGPT[corpus][1]:.0f} s")
+    if args.plot:
+        plot(results, args.plot)
+
+
+def plot(results: dict, path: Path) -> None:
+    """Validation loss against wall seconds, one panel per corpus."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 4), squeeze=False)
+    for ax, (corpus, systems) in zip(axes[0], results.items(), strict=True):
+        for name, runs in systems.items():
+            for i, r in enumerate(runs):
+                ax.plot(r["seconds_to"], r["val_loss"], marker="o", label=name if i == 0 else None,
+                        color="C0" if name == "unit" else "C1")
+        if corpus in NANOGPT:
+            ax.scatter([NANOGPT[corpus][1]], [NANOGPT[corpus][0]], marker="*", s=120, color="C2", label="nanoGPT")
+        ax.set(title=corpus, xlabel="wall seconds", ylabel="validation loss (nats/char)")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+if __name__ == "__main__":
+    main()
