@@ -681,8 +681,18 @@ def attention(
     if adapt:
         independent = tf.sqrt(tf.reduce_sum(tf.square(probs), axis=-1, keepdims=True))
         actual = tf.sqrt(tf.reduce_mean(tf.square(o), axis=-1, keepdims=True) + 1e-6)
-        qk_grad.set(qk_grad_scale * tf.reduce_mean(actual / independent))
+        qk_grad.set(qk_grad_scale * _global_mean(tf.reduce_mean(actual / independent)))
     return attention_output(o, count, rule)
+
+
+def _global_mean(value: tf.Tensor) -> tf.Tensor:
+    """The mean of a per-replica batch statistic over all replicas (itself without a distribution strategy),
+    so that a data-parallel run scales its gradients by the same constant as one replica with the whole batch
+    (replicas hold equal shares of it)."""
+    context = tf.distribute.get_replica_context()
+    if context is None or context.num_replicas_in_sync == 1:
+        return value
+    return context.all_reduce(tf.distribute.ReduceOp.MEAN, value)
 
 
 def cached_attention(
