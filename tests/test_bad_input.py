@@ -1,5 +1,6 @@
 """Bad input through the real scripts: one clear line on stderr naming the file and the problem, exit status 2,
-and earlier results left intact (issue 6). Each case is a separate subprocess; they run a few at a time."""
+and earlier results left intact. The table's cases run one after the other in one child process, each through
+the function the root script calls (``helpers.scripts_in_one_process``); test_cli.py runs whole scripts."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from helpers import TINY, ok_json, one_line_error, script, scripts_in_parallel
+from helpers import TINY, ok_json, one_line_error, script, scripts_in_one_process, scripts_in_parallel
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +66,7 @@ TRAIN_CASES = {
     "negative width": ["--width must be a positive integer, got -3"],
     "absurd seq-len": ["--seq-len 100000000 is too large"],
     "existing run without --resume": ["a run already exists here", "--overwrite"],
+    "--resume of a finished run": ["nothing to resume"],
     "unwritable --out": ["cannot write the run folder", "a-file is a file, not a folder"],
 }
 PREDICT_CASES = {
@@ -109,6 +111,7 @@ def results(tmp_path_factory: pytest.TempPathFactory, lm_run: Path) -> dict[str,
         "negative width": ("train", str(tmp / "ok.txt"), "--width", "-3", *out()),
         "absurd seq-len": ("train", str(tmp / "ok.txt"), "--seq-len", "100000000", *out()),
         "existing run without --resume": ("train", str(tmp / "ok.txt"), "--out", str(lm_run)),
+        "--resume of a finished run": ("train", str(tmp / "ok.txt"), "--out", str(lm_run), "--resume", *TINY),
         "unwritable --out": ("train", str(tmp / "ok.txt"), "--out", f"{blocker}/run"),
         "no such run": ("predict", "the cat", "--model", str(tmp / "no-such-run")),
         "run missing vocab.pkl": ("predict", "the cat", "--model", str(broken_copy(lm_run, tmp, "vocab.pkl",
@@ -121,7 +124,7 @@ def results(tmp_path_factory: pytest.TempPathFactory, lm_run: Path) -> dict[str,
         "empty sentence": ("predict", "", "--model", str(lm_run)),
         "evaluate: missing test file": ("evaluate", str(tmp / "nothere.txt"), "--model", str(lm_run)),
     }
-    return scripts_in_parallel(calls)
+    return scripts_in_one_process(calls)
 
 
 @pytest.mark.parametrize("case", list(TRAIN_CASES) + list(PREDICT_CASES))

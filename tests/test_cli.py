@@ -90,18 +90,11 @@ def test_classifier_on_pang_lee_polarity(tmp_path: Path) -> None:
     assert metrics["labels"] == ["neg", "pos"] and sum(map(sum, metrics["confusion"])) == metrics["examples"]
 
 
-def test_bad_input_is_one_line_and_exit_2(tmp_path: Path, repetitive_run: Path) -> None:
+def test_bad_input_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    """The whole script, interpreter exit included (test_bad_input.py has the table of cases)."""
     result = script("train", str(tmp_path / "missing.txt"))
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and "missing.txt" in result.stderr and "no such file" in result.stderr
-    data = tmp_path / "d.txt"
-    data.write_text("some text here\n" * 50, encoding="utf-8")
-    result = script("train", str(data), "--out", str(repetitive_run), *TINY)
-    assert result.returncode == 2 and "--overwrite" in result.stderr
-    result = script("train", str(data), "--out", str(repetitive_run), "--resume", *TINY)
-    assert result.returncode == 2 and "nothing to resume" in result.stderr
-    result = script("train", str(data), "--seq-len", "0")
-    assert result.returncode == 2 and "--seq-len" in result.stderr
 
 
 def test_malicious_vocab_is_refused_without_running(tmp_path: Path, repetitive_run: Path) -> None:
