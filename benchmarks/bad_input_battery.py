@@ -147,7 +147,9 @@ def case_full_disk(ctx: dict) -> dict | None:
 
 
 def case_ctrl_c_while_importing(ctx: dict) -> dict:
-    child = Child("train", str(ctx["dir"] / "x.txt"), folder=ctx["dir"])
+    data = ctx["dir"] / "x.txt"  # a real file: a missing one is refused at once, before the Ctrl-C comes
+    data.write_text(TEXT)
+    child = Child("train", str(data), "--out", str(ctx["dir"] / "x"), *TINY, folder=ctx["dir"])
     time.sleep(1.0)
     child.process.send_signal(signal.SIGINT)
     result = child.wait()

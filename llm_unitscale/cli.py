@@ -368,10 +368,12 @@ def _predict(args: argparse.Namespace) -> int:
 
     render = _lm_lines if run.task == "lm" else _classify_lines
     try:
-        for result in answers():
-            results.append(result)
-            if not args.json:
-                print("\n".join(render(result)), flush=True)
+        with interrupts.sticky_interrupt() as check_interrupted:
+            for result in answers():
+                results.append(result)
+                if not args.json:
+                    print("\n".join(render(result)), flush=True)
+                check_interrupted()
     except KeyboardInterrupt:
         if args.json:
             _emit(args, {"task": run.task, "model": str(run.path), "results": results, "interrupted": True}, "")

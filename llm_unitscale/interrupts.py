@@ -6,13 +6,20 @@ scripts and the root scripts all import the package first). :func:`report_uncaug
 that an *uncaught* ``KeyboardInterrupt`` prints one line on stderr and ends the process with status 130; any
 other exception goes to the hook that was there before. The package sets it only when its own import is
 interrupted (a program that catches that interrupt sees no difference), the commands when they start.
+
+A Ctrl-C that lands while Python runs a destructor or a callback (TensorFlow runs many) raises its
+``KeyboardInterrupt`` there, where Python prints it and carries on: the interrupt is lost. Loops that must stop
+on Ctrl-C (``predict.py`` answering line after line) use :func:`sticky_interrupt`, which also remembers it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import sys
+import threading
+from collections.abc import Callable, Iterator
 from types import TracebackType
 
 MESSAGE = "interrupted while starting up; nothing was written"
@@ -38,3 +45,24 @@ def report_uncaught(message: str = MESSAGE) -> None:
 
     hook._llm_unitscale = True  # type: ignore[attr-defined]
     sys.excepthook = hook
+
+
+@contextlib.contextmanager
+def sticky_interrupt() -> Iterator[Callable[[], None]]:
+    """Ctrl-C raises ``KeyboardInterrupt`` as usual and is remembered; the yielded ``check()`` raises it again
+    at a safe point if the first one was swallowed (raised inside a destructor). Main thread only."""
+    caught = threading.Event()
+
+    def handler(signum: int, frame: object) -> None:
+        caught.set()
+        raise KeyboardInterrupt
+
+    def check() -> None:
+        if caught.is_set():
+            raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield check
+    finally:
+        signal.signal(signal.SIGINT, previous)

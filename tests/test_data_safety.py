@@ -371,6 +371,24 @@ def test_ctrl_c_while_predicting_keeps_the_answers_so_far(as_json: bool, lm_run:
         assert only_line(err) == "interrupted after 2 answers (printed above)"
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_a_ctrl_c_swallowed_by_a_destructor_is_raised_again_at_the_next_check() -> None:
+    """Python only prints a KeyboardInterrupt raised inside ``__del__``; ``sticky_interrupt`` remembers it."""
+    from llm_unitscale import interrupts
+
+    class SignalledWhileDestroyed:
+        def __del__(self) -> None:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.2)  # the handler runs here, inside the destructor
+
+    with interrupts.sticky_interrupt() as check:
+        check()  # nothing yet
+        SignalledWhileDestroyed()  # destroyed at once: its KeyboardInterrupt goes nowhere
+        with pytest.raises(KeyboardInterrupt):
+            check()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 def test_predict_streams_answers_from_stdin(lm_run: Path) -> None:
     """An answer is printed while stdin is still open; Ctrl-C then keeps what was printed."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
