@@ -253,7 +253,9 @@ def test_early_stopping_keeps_the_best_weights_and_survives_resume(polarity: Pat
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """The validation loss bottoms out and rises: the run stops after --patience validations without a new
     best, publishes the best step's weights and says so; killed after its best step and resumed, it stops at
-    the same validation with the same weights."""
+    the same validation with the same weights. The interrupted run saves no checkpoint at its evaluations
+    (none is due by --checkpoint-seconds): the best weights it held in memory are written beside the
+    interrupt's checkpoint."""
     import io
 
     import keras
@@ -276,10 +278,14 @@ def test_early_stopping_keeps_the_best_weights_and_survives_resume(polarity: Pat
         original(self, batch, logs)
 
     monkeypatch.setattr(checkpoint.ResumableCheckpoint, "on_train_batch_end", stop_after_best)
+    lazy = dict(checkpoint_every=0, checkpoint_seconds=1e9)
     with pytest.raises(checkpoint.TrainingInterrupted, match=f"interrupted at step {cut} of"):
-        training.train(classifier_config(polarity, tmp_path / "cut", patience=3), log=io.StringIO())
+        training.train(classifier_config(polarity, tmp_path / "cut", patience=3, **lazy), log=io.StringIO())
+    saved = runs.partial_dir(tmp_path / "cut") / "checkpoints"
+    assert sorted(p.name for p in saved.glob("step-*")) == sorted(
+        checkpoint.weights_name(step) for step in (cut - 1, cut)), "the best step's weights, then the interrupt's"
     monkeypatch.setattr(checkpoint.ResumableCheckpoint, "on_train_batch_end", original)
-    resumed = training.train(classifier_config(polarity, tmp_path / "cut", patience=3, resume=True),
+    resumed = training.train(classifier_config(polarity, tmp_path / "cut", patience=3, resume=True, **lazy),
                              log=io.StringIO())
     for key in ("steps", "best_step", "stopped", "val_loss", "val_accuracy", "temperature"):
         assert resumed[key] == pytest.approx(reference[key], rel=TOLERANCE), key
