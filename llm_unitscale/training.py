@@ -408,8 +408,11 @@ def init_embeddings(cfg: TrainConfig, corpus: Corpus, model: Any, work: Path, lo
     if cfg.embeddings == "none":
         return {"embeddings": "none"}
     if cfg.embeddings == "word2vec":
-        print(f"training Word2Vec ({cfg.width} dims) on {len(corpus.token_lines)} lines", file=log)
-        kv = emb.train_word2vec(corpus.token_lines, vector_size=cfg.width, seed=cfg.seed, progress=True)
+        lines, epochs = emb.word2vec_plan(corpus.token_lines)
+        sample = "" if len(lines) == len(corpus.token_lines) else f" (a sample of {len(corpus.token_lines):,})"
+        print(f"training Word2Vec ({cfg.width} dims, {epochs} epoch{'s' * (epochs > 1)}) on {len(lines):,} "
+              f"lines{sample}, {sum(map(len, lines)):,} tokens", file=log)
+        kv = emb.train_word2vec(lines, vector_size=cfg.width, seed=cfg.seed, epochs=epochs, progress=True)
     else:
         kv = emb.load_keyed_vectors(cfg.embeddings)
         if kv.vector_size != cfg.width:

@@ -556,3 +556,18 @@ def test_embedding_matrix_removes_the_shared_directions() -> None:
     assert share(vectors) > 0.9 and share(rows) < 0.05
     centred_only, _ = embedding_matrix(Vocabulary(words), kv, remove_top=0)
     assert not np.allclose(centred_only, matrix)
+
+
+def test_word2vec_passes_are_bounded_by_the_token_budget() -> None:
+    """A small corpus keeps every epoch; a larger one fewer epochs; above the budget one epoch over a sample
+    spread over the whole corpus — never more than the budget's token passes."""
+    from llm_unitscale.preprocessing.embeddings import word2vec_plan
+
+    small = [["w"] * 10] * 100  # 1,000 tokens
+    assert word2vec_plan(small, budget=100_000) == (small, 10)
+    middle = [["w"] * 10] * 3_000  # 30,000 tokens
+    assert word2vec_plan(middle, budget=100_000) == (middle, 3)
+    big = [[str(i)] * 10 for i in range(100_000)]  # 1,000,000 tokens
+    sample, epochs = word2vec_plan(big, budget=100_000)
+    assert epochs == 1 and sum(map(len, sample)) <= 100_000
+    assert sample[0] == big[0] and int(sample[-1][0]) > 90_000  # from the start to the end of the corpus
