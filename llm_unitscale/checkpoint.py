@@ -206,16 +206,13 @@ class ResumableCheckpoint(keras.callbacks.Callback):
         self.state.batch += 1
         self.state.epoch_means = self._whole_epoch(logs or {})
         if interrupted or self.every_steps and self.state.step % self.every_steps == 0:
-            if interrupted or not self._period_ends_here():
+            if interrupted or not self.period_complete(self.state.epoch):
                 self.save()
             else:  # the evaluation comes next: its save holds the period's outcome (a state saved between the
                 self._deferred = True  # two would resume into a period with no steps left and no evaluation)
         if interrupted:
             self._saved_on_interrupt = True
             self.model.stop_training = True
-
-    def _period_ends_here(self) -> bool:
-        return self.state.epoch < len(self.periods) and self.state.batch >= self.periods[self.state.epoch]
 
     def period_complete(self, epoch: int) -> bool:
         """Whether Keras epoch ``epoch`` (an evaluation period) ran all its steps without a NaN loss."""
@@ -279,7 +276,6 @@ class ResumableCheckpoint(keras.callbacks.Callback):
         for stale in [*self.folder.glob("step-*.keras"), *self.folder.glob("step-*.weights.h5")]:
             if stale.name not in keep:
                 stale.unlink(missing_ok=True)
-
 
     def _save_best_from_memory(self, current: str) -> None:
         """The best step's checkpoint, when that step's evaluation did not save one: its weights, kept in
