@@ -118,7 +118,8 @@ def test_the_default_model_takes_its_residual_weights_from_depth_and_tau_fixes_t
 
     blocks = [layer for layer in build_model(vocab_size=50, seq_len=8, width=16, depth=3, heads=2).layers
               if isinstance(layer, L.UnitTransformerBlock)]
-    assert [(b.tau, b.mlp_tau) for b in blocks] == pytest.approx(ops.residual_taus(3))
+    got = [tau for b in blocks for tau in (b.tau, b.mlp_tau)]  # flat: pytest.approx does not nest
+    assert got == pytest.approx([tau for pair in ops.residual_taus(3) for tau in pair])
     fixed = [layer for layer in build_model(vocab_size=50, seq_len=8, width=16, depth=3, heads=2, tau=0.5).layers
              if isinstance(layer, L.UnitTransformerBlock)]
     assert all(b.tau == b.mlp_tau == 0.5 for b in fixed)
