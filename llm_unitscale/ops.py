@@ -573,6 +573,25 @@ def attention_grad_scale(head_dim: int) -> float:
     return math.sqrt(head_dim)
 
 
+def shared_source_factor(mean_count: tf.Tensor, source_width: int) -> tf.Tensor:
+    """√(1 + n̄/w): how much larger than the independent-input estimate the q/k weight gradients are when q, k
+    and v are projected from the same x (self-attention), under the "norm" rule. n̄ = the mean number of keys a
+    query sees ((T+1)/2 when causal), w = the width of x.
+
+    Why: the "norm" rule divides o_i by its RMS ≈ √Σp² ≈ n_i^-½, so ∂o_i ≈ √n_i·∂y_i. Through the logits,
+    ∂k_j ∋ (c/d)·Σ_{i≥j} p_ij (∂o_i·v_j) q_i with v_j = w^-½·x_j W_v, so x_jᵀ∂k_j holds a part that does not
+    average out over j: E[x_jᵀx_j] = I gives (c/d)·w^-½·Σ_i (W_v ∂o_iᵀ) q_i after Σ_j p_ij = 1, whose entries
+    have variance (1/(d·w))·d·Σ_i n_i, i.e. n̄/w after the weight gradient's N^-½; and ∂q_i = (c/d)·Σ_j
+    p_ij (∂o_i·v_j) k_j + … gains, through the same E[x_jᵀx_j], a part (c/d)·w^-1·∂o_i W_vᵀW_k of variance
+    n_i/w. So rms(∂W_q)² ≈ rms(∂W_k)² ≈ 1 + n̄/w; measured at
+    init (tests/test_depth.py): 1.38 / 2.15 / 2.90 at T = 256 / 1024 / 2048, w = 128, for 1.41 / 2.24 / 3.0
+    predicted, independent of the head size and the batch. Dividing c by this factor keeps the q/k weight
+    gradients unit at any length; the projections' input gradients are divided by the same c, so ∂x stays
+    exact.
+    """
+    return tf.sqrt(1.0 + tf.cast(mean_count, tf.float32) / float(source_width))
+
+
 #: How attention's output is brought to unit scale (:func:`attention`): "norm" (default), "sqrt_n", "none".
 ATTENTION_RULES = ("norm", "sqrt_n", "none")
 #: Largest power of two that n·softmax is scaled to before E4M3 rounding: a one-hot row stays below 448.
@@ -628,6 +647,7 @@ def attention(
     qk_grad_scale: float = 1.0,
     rule: str = "norm",
     qk_grad: LateScale | None = None,
+    source_width: int | None = None,
 ) -> tf.Tensor:
     """Unit-scaled scaled-dot-product attention on (B, H, T, d) tensors.
 
@@ -640,7 +660,8 @@ def attention(
              f̄ = mean_i r_i/√Σ_j p_ij², r_i = the output RMS that "norm" divides by: √Σp² is what r_i would be for
              independent values, and when the values are correlated the norm divides by a larger r_i and every
              gradient reaching p shrinks by that ratio (measured at init, depth 12, T = 512: q/k weight gradients
-             0.15–0.4 after block 0 without f̄, 1.3–1.5 with it).
+             0.15–0.4 after block 0 without f̄, 1.3–1.5 with it). With ``source_width`` w (the width x had
+             before q, k, v were projected from it), c is further divided by :func:`shared_source_factor`.
     The 1/d logit scale (u-μP) rather than 1/√d keeps attention near-uniform at init for any width.
     Simulated FP8: q and k are rounded at unit scale; the probabilities are rounded after scaling by
     :func:`fp8_prob_scale` (never saturating, whatever the length), and the product divided by it again.
@@ -681,7 +702,10 @@ def attention(
     if adapt:
         independent = tf.sqrt(tf.reduce_sum(tf.square(probs), axis=-1, keepdims=True))
         actual = tf.sqrt(tf.reduce_mean(tf.square(o), axis=-1, keepdims=True) + 1e-6)
-        qk_grad.set(qk_grad_scale * _global_mean(tf.reduce_mean(actual / independent)))
+        late = qk_grad_scale * _global_mean(tf.reduce_mean(actual / independent))
+        if source_width is not None:
+            late = late / tf.cast(shared_source_factor(_global_mean(tf.reduce_mean(count)), source_width), late.dtype)
+        qk_grad.set(late)
     return attention_output(o, count, rule)
 
 
@@ -764,7 +788,8 @@ def multi_head_attention(
         q = heads(dense(x, wq, bq, grad_input_scale=width**-0.5 / c))
         k = heads(dense(x, wk, bk, grad_input_scale=width**-0.5 / c))
     v = heads(dense(x, wv, bv))
-    o = attention(q, k, v, causal=causal, padding_mask=padding_mask, qk_grad_scale=c, rule=rule, qk_grad=qk_grad)
+    o = attention(q, k, v, causal=causal, padding_mask=padding_mask, qk_grad_scale=c, rule=rule, qk_grad=qk_grad,
+                  source_width=int(wq.shape[0]))
     o = tf.transpose(o, [0, 2, 1, 3])
     shape = tf.shape(o)
     o = tf.reshape(o, [shape[0], shape[1], width])

@@ -181,8 +181,10 @@ def _norm_rule_qk_factor(x: np.ndarray, wq: np.ndarray, wk: np.ndarray, wv: np.n
 
 def _mha_case(bias: bool) -> Case:
     inputs = {"x": _u(B, T, W), **_mha_kernels()}
-    # the q/k weight gradients carry c = √D·f̄ (ops.attention, rule "norm"): f̄ depends on the data
-    qk = math.sqrt(W / N) * math.sqrt(D) * _norm_rule_qk_factor(inputs["x"], inputs["wq"], inputs["wk"], inputs["wv"])
+    # the q/k weight gradients carry c = √D·f̄/√(1 + n̄/W) (ops.attention, rule "norm"): f̄ depends on the data,
+    # n̄ = (T+1)/2 keys per causal query (ops.shared_source_factor)
+    qk = (math.sqrt(W / N) * math.sqrt(D) * _norm_rule_qk_factor(inputs["x"], inputs["wq"], inputs["wk"], inputs["wv"])
+          / math.sqrt(1.0 + (T + 1) / 2 / W))
     ratios: dict[str, float | None] = {"x": 1.0, "wq": qk, "wk": qk, "wv": math.sqrt(W / N), "wo": math.sqrt(W / N)}
     exempt: set[str] = set()
     if bias:
