@@ -167,13 +167,15 @@ def part_deep(args: argparse.Namespace) -> dict:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for unit, lr in ((True, args.unit_lr), (False, args.stock_lr)):
+            if ("unit" if unit else "baseline") not in args.models:
+                continue
             for precision in ("float32", "fp8"):
                 row = short_run(12, unit, lr, args, tmp, precision)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     for model in ("unit-scaled", "baseline"):
-        f32, f8 = (next(r for r in rows if r["model"] == model and r["precision"] == p) for p in ("float32", "fp8"))
-        if f32["val_loss"] and f8["val_loss"]:
+        f32, f8 = (next((r for r in rows if r["model"] == model and r["precision"] == p), {}) for p in ("float32", "fp8"))
+        if f32.get("val_loss") and f8.get("val_loss"):
             print(f"{model}: fp8 vs float32 {100 * (f8['val_loss'] / f32['val_loss'] - 1):+.2f} %")
     return {"rows": rows}
 
@@ -187,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--width", type=int, default=128)
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=12)
+    parser.add_argument("--models", nargs="+", choices=("unit", "baseline"), default=["unit", "baseline"],
+                        help="deep: which models to train (both by default)")
     parser.add_argument("--unit-lr", type=float, default=0.3, help="centre of the unit-scaled grid (u-μP base η)")
     parser.add_argument("--stock-lr", type=float, default=2e-3, help="centre of the baseline's grid")
     args = parser.parse_args(argv)
