@@ -439,7 +439,9 @@ class UnitTransformerBlock(keras.layers.Layer):
         )
         self.mlp_norm = _NORMS[norm](name="mlp_norm")
         self.mlp = UnitMLP(mlp_ratio, use_bias=use_bias, kernel_constraint=constraint, name="mlp")
-        self.seed_generator = keras.random.SeedGenerator(0) if self.dropout else None
+        # seed None: drawn from Keras's global seed (keras.utils.set_random_seed), so each block's masks are
+        # its own — a fixed seed gave every block the same masks at every step
+        self.seed_generator = keras.random.SeedGenerator(None) if self.dropout else None
 
     def build(self, x_shape: tuple, padding_mask_shape: tuple | None = None) -> None:
         for layer in (self.attention_norm, self.attention, self.mlp_norm, self.mlp):

@@ -287,3 +287,15 @@ def test_unit_softmax_cross_entropy_ignore_class() -> None:
     assert np.all(grad[targets == 0] == 0) and np.all(np.abs(grad[targets != 0]).sum(-1) > 0)
     revived = L.UnitSoftmaxCrossEntropy.from_config(loss.get_config())
     assert revived.ignore_class == 0 and float(revived(targets, logits)) == pytest.approx(float(value))
+
+
+def test_each_transformer_block_draws_its_own_dropout_masks() -> None:
+    """Two blocks with the same weights, input and rate must not drop the same units: with one fixed seed per
+    block they did, at every step, which made dropout across blocks perfectly correlated."""
+    keras.utils.set_random_seed(0)
+    x = tf.random.normal((2, 16, 32))
+    first, second = L.UnitTransformerBlock(2, dropout=0.5), L.UnitTransformerBlock(2, dropout=0.5)
+    first(x), second(x)
+    second.set_weights(first.get_weights())
+    np.testing.assert_allclose(first(x).numpy(), second(x).numpy(), rtol=1e-5, atol=1e-6)  # inference: same
+    assert not np.allclose(first(x, training=True).numpy(), second(x, training=True).numpy())
