@@ -169,7 +169,7 @@ def part_deep(args: argparse.Namespace) -> dict:
         for unit, lr in ((True, args.unit_lr), (False, args.stock_lr)):
             if ("unit" if unit else "baseline") not in args.models:
                 continue
-            for precision in ("float32", "fp8"):
+            for precision in args.precisions:
                 row = short_run(12, unit, lr, args, tmp, precision)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
@@ -191,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=12)
     parser.add_argument("--models", nargs="+", choices=("unit", "baseline"), default=["unit", "baseline"],
                         help="deep: which models to train (both by default)")
+    parser.add_argument("--precisions", nargs="+", choices=("float32", "fp8"), default=["float32", "fp8"],
+                        help="deep: which formats to train in (both by default)")
     parser.add_argument("--unit-lr", type=float, default=0.3, help="centre of the unit-scaled grid (u-μP base η)")
     parser.add_argument("--stock-lr", type=float, default=2e-3, help="centre of the baseline's grid")
     args = parser.parse_args(argv)
