@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from gensim.test.utils import datapath
-from helpers import ROOT, TINY, ok_json, script
+from helpers import ROOT, TINY, ok_json, one_line_error, script
 
 from llm_unitscale import data, prepared
 from llm_unitscale.preprocessing import Tokenizer, Vocabulary
@@ -174,3 +174,13 @@ def test_bpe_run_trains_predicts_and_evaluates(tmp_path: Path) -> None:
     assert metrics["bits_per_char"] == pytest.approx(metrics["loss"] * metrics["tokens"] / np.log(2) / len(text),
                                                      rel=1e-6)
     assert metrics["unk_rate"] == 0.0
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    (["--tokenizer", "bpe", "--vocab-size", "100"], "--vocab-size must be an integer from 260"),
+    (["--vocab-size", "1000"], "--vocab-size sets the size of a BPE vocabulary"),
+    (["--tokenizer", "bpe", "--task", "classify"], "--tokenizer bpe trains language models"),
+])
+def test_bpe_option_mistakes_are_one_line(options: list[str], message: str, tmp_path: Path) -> None:
+    line = one_line_error(script("train", "data/dataset.txt", "--out", str(tmp_path / "r"), *options))
+    assert message in line and not (tmp_path / "r").exists()

@@ -19,7 +19,7 @@ per token (README, "Big corpora").
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from llm_unitscale.preprocessing.tokenizer import TokenizerError, normalize_text
@@ -33,6 +33,8 @@ DEFAULT_VOCAB_SIZE = 4096
 MIN_VOCAB_SIZE = len(SPECIAL_TOKENS) + 256
 #: A tokenizer.json larger than this is not ours (a 65k-token BPE model is ~2 MB); refused before reading.
 MAX_TOKENIZER_BYTES = 256 * 1024 * 1024
+#: Texts encoded per call of the library (its threads share them).
+BATCH = 4096
 
 
 class BpeTokenizer:
@@ -94,15 +96,21 @@ vocabulary ids straight away, ``detokenize`` the text.
         return self._model.encode(self._prepared(text)).tokens
 
     def tokenize_many(self, texts: list[str]) -> list[list[str]]:
-        """``[tokenize(t) for t in texts]``, encoded as one batch."""
-        return [encoding.tokens for encoding in self._model.encode_batch([self._prepared(t) for t in texts])]
+        """``[tokenize(t) for t in texts]``, encoded in batches."""
+        return [encoding.tokens for encoding in self._encodings(texts, self._model.encode_batch)]
+
+    def _encodings(self, texts: list[str], encode: Any) -> Iterator[Any]:
+        """The library's encodings of ``texts`` by ``encode``, :data:`BATCH` at a time (each holds offsets and
+        masks too: a whole chunk at once took ~1 GB)."""
+        for start in range(0, len(texts), BATCH):
+            yield from encode([self._prepared(t) for t in texts[start : start + BATCH]])
 
     def encode_many(self, texts: list[str]) -> list[list[int]]:
         """The vocabulary ids (BPE id + 4) of the pieces of each text, as one batch: what
         ``vocab.encode(tokenize(t))`` gives, without making the token strings."""
         offset = len(SPECIAL_TOKENS)
-        return [[i + offset for i in encoding.ids]
-                for encoding in self._model.encode_batch([self._prepared(t) for t in texts])]
+        fast = getattr(self._model, "encode_batch_fast", self._model.encode_batch)  # ids without token strings
+        return [[i + offset for i in encoding.ids] for encoding in self._encodings(texts, fast)]
 
     def detokenize(self, tokens: list[str]) -> str:
         """The text of BPE pieces (bytes that are not whole UTF-8 characters become U+FFFD)."""
