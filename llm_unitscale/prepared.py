@@ -268,7 +268,8 @@ class Prepared:
         m = self.manifest
         return (f"prepared corpus: {'reusing ' if self.reused else ''}{self.path} ({m['train_tokens']:,} training "
                 f"and {m['val_tokens']:,} validation tokens, vocabulary {m['vocab_size']:,}, {m['dtype']}; "
-                f"prepared in {m['seconds']:.1f} s with {m['workers']} process{'es' * (m['workers'] > 1)})")
+                f"prepared in {m['seconds']:.1f} s with {m['workers']} process{'es' * (m['workers'] > 1)}"
+                + (", the BPE on the library's threads)" if m["tokenizer"].get("mode") == "bpe" else ")"))
 
     @property
     def val_path(self) -> Path:
@@ -314,8 +315,8 @@ def prepare(data: str, tokenizer: dict, *, val_fraction: float = 0.1, min_count:
 
     Raises:
         DataError: ``"PATH: problem"`` for a file that cannot be read or decoded, is empty, whitespace only,
-            holds no word, or is too short to split.
-        OutputError: the cache path is not a folder.
+            or holds no word (``data.read_text``'s messages).
+        OutputError: the cache path is not a folder, or the entry's path holds something not ours.
     """
     from llm_unitscale.preprocessing import Tokenizer
 
@@ -466,22 +467,23 @@ def _tokenise(task: tuple[int, int, int, int | None]) -> tuple[list[str], np.nda
 
 
 @contextlib.contextmanager
-def _tokenised(tasks: list, workers: int, initargs: tuple) -> Iterator[Iterator]:
-    """The results of :func:`_tokenise` over ``tasks`` in order: a pool of ``workers`` processes, or this
+def _tokenised(tasks: list, workers: int, initargs: tuple) -> Iterator[tuple[Iterator, int]]:
+    """(the results of :func:`_tokenise` over ``tasks`` in order, processes): a pool of ``workers`` processes, or this
     process when one is enough (one core, a corpus of one chunk, or a tokenizer that runs its own threads)."""
     if workers < 2 or len({task[:2] for task in tasks}) < 2 or hasattr(initargs[1], "encode_many"):
         _start_worker(*initargs)
         try:
-            yield map(_tokenise, tasks)
+            yield map(_tokenise, tasks), 1
         finally:
             _WORKER.clear()
         return
     # fork: the workers start at once with the tokenizer loaded (spawn would import TensorFlow in each).
     # ProcessPoolExecutor, not Pool: a worker that dies (killed, out of memory) fails the run, it does not hang it.
     context = multiprocessing.get_context("fork")
-    with ProcessPoolExecutor(min(workers, len(tasks)), context, _start_worker, initargs) as pool:
+    processes = min(workers, len(tasks))
+    with ProcessPoolExecutor(processes, context, _start_worker, initargs) as pool:
         try:
-            yield pool.map(_tokenise, tasks)
+            yield pool.map(_tokenise, tasks), processes
         except BaseException:
             pool.shutdown(wait=True, cancel_futures=True)
             raise
@@ -528,8 +530,8 @@ def _make(data: str, scan: _Scan, config: dict, tokenizer: Any, settings: dict, 
     progress = Progress(f"tokenising {data}", scan.size, "bytes", extra="tokens")
     done = 0
     tasks = train_tasks + val_tasks
-    with open(work / "spill.bin", "wb") as spill, _tokenised(tasks, workers,
-                                                             (data, tokenizer, encoding, errors, seed)) as results:
+    initargs = (data, tokenizer, encoding, errors, seed)
+    with open(work / "spill.bin", "wb") as spill, _tokenised(tasks, workers, initargs) as (results, processes):
         for number, (new, ids, local_counts, size) in enumerate(results):
             to_global = np.concatenate([np.arange(len(seed)), [index.setdefault(t, len(index)) for t in new]])
             to_global = to_global.astype(np.int64)
@@ -573,7 +575,7 @@ def _make(data: str, scan: _Scan, config: dict, tokenizer: Any, settings: dict, 
         "data_sha256": text_sha256, "bytes": scan.size, "characters": total, "settings": settings,
         "tokenizer": tokenizer.get_config(), "dtype": np.dtype(dtype).name, "train_tokens": lengths[0],
         "val_tokens": lengths[1], "vocab_size": len(vocab), "seconds": round(time.perf_counter() - started, 3),
-        "workers": workers,
+        "workers": processes,
     }
     from llm_unitscale.runs import atomic_write_json
 

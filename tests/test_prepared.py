@@ -50,7 +50,7 @@ def test_parallel_chunks_give_the_serial_ids(mode: str, max_vocab: int, corpus: 
     np.testing.assert_array_equal(ready.val, val)
     assert ready.val_path.read_text(encoding="utf-8") == val_text
     assert ready.manifest["data_sha256"] == data.corpus_hash(text)
-    assert not ready.reused
+    assert not ready.reused and ready.manifest["workers"] == 2  # two processes did it
 
 
 @pytest.mark.parametrize("fraction", [0.1, 0.3])
