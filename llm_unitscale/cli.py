@@ -145,9 +145,12 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", default="auto", choices=("auto", "lm", "classify"))
     p.add_argument("--arch", default=None, choices=("transformer", "cnn", "mlp", "bag"),
                    help="default: transformer (lm), bag = fastText-style bag of word and character n-grams (classify)")
-    p.add_argument("--tokenizer", default=None, choices=("word", "char", "jieba", "wordpunct"),
+    p.add_argument("--tokenizer", default=None, choices=("word", "char", "jieba", "wordpunct", "bpe"),
                    help="default: word (lm; NLTK + jieba for Chinese), wordpunct (classify with bag: words and "
-                   "punctuation runs, every CJK character a token)")
+                   "punctuation runs, every CJK character a token); bpe = byte-level BPE trained on the corpus "
+                   "(lm)")
+    p.add_argument("--vocab-size", type=int, default=None, metavar="N",
+                   help="bpe: vocabulary size, the 4 special tokens included (default 4096)")
     p.add_argument("--lowercase", default=None, action=argparse.BooleanOptionalAction,
                    help="fold case (default: on for a classifier, off for a language model)")
     p.add_argument("--epochs", type=int, default=None,
@@ -209,6 +212,9 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr-rule", default="uniform", choices=("uniform", "umup"),
                    help="umup: u-muP per-parameter multipliers on the base --lr (hidden weights fan_in^-1/2 "
                    "x depth^-1/2, embeddings width^-1/2, norms/biases 1); unit-scaled models only")
+    p.add_argument("--cache", default=None, metavar="DIR",
+                   help="where a language model's corpus is kept tokenised for the next run (default "
+                   "$LLM_UNITSCALE_CACHE, else ~/.cache/llm_unitscale)")
     p.add_argument("--encoding", default="utf-8")
     p.add_argument("--errors", default="strict", choices=("strict", "replace", "ignore"),
                    help="what to do with undecodable bytes")
@@ -416,6 +422,9 @@ def evaluate_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("data", nargs="?", default=None, help="test file (default: the run's validation.txt)")
     p.add_argument("--model", default=DEFAULT_RUN, help=f"run folder (default {DEFAULT_RUN})")
+    p.add_argument("--cache", default=None, metavar="DIR",
+                   help="where a language model's corpus is kept tokenised for the next run (default "
+                   "$LLM_UNITSCALE_CACHE, else ~/.cache/llm_unitscale)")
     p.add_argument("--encoding", default="utf-8")
     p.add_argument("--errors", default="strict", choices=("strict", "replace", "ignore"))
     p.add_argument("--plot", action="store_true",

@@ -50,6 +50,7 @@ import logging
 import os
 import re
 from collections import Counter
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -69,6 +70,7 @@ __all__ = [
     "detect_task",
     "label_counts",
     "lm_dataset",
+    "lm_eval_batches",
     "lm_steps_per_epoch",
     "lm_train_batches",
     "classify_train_batches",
@@ -77,7 +79,9 @@ __all__ = [
     "lm_windows",
     "parse_labelled",
     "parse_labelled_line",
+    "read_head",
     "read_text",
+    "window_reader",
 ]
 
 logger = logging.getLogger(__name__)
@@ -162,6 +166,22 @@ def read_text(
     if not raw:
         raise DataError(name, "file is empty")
 
+    text = decode_text(raw, name, encoding, errors)
+    if not text.strip():
+        raise DataError(name, "file contains only whitespace")
+    return text
+
+
+def decode_text(raw: bytes | bytearray, name: str, encoding: str = "utf-8", errors: str = "strict",
+                first: bool = True, line: int = 1, offset: int = 0) -> str:
+    """Validate and decode bytes of ``name`` (the whole file, or a piece of it that ends at a line break) into
+    text with ``\\n`` line ends: :func:`read_text`'s checks and messages. ``first``: the piece starts the file
+    (a byte-order mark is removed); ``line`` and ``offset``: the line number and byte offset in the file where
+    the piece starts, for the message of a NUL byte or an undecodable byte.
+
+    Raises:
+        DataError: see :func:`read_text` (every problem but an empty or whitespace-only file).
+    """
     codec = _codec_name(name, encoding)
     try:
         codecs.lookup_error(errors)
@@ -169,38 +189,57 @@ def read_text(
         raise DataError(name, f"unknown --errors handler {errors!r}") from exc
     wide = codec.startswith(("utf_16", "utf_32"))
     if not wide and b"\x00" in raw:
-        if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        if first and raw.startswith((b"\xff\xfe", b"\xfe\xff")):
             raise DataError(
                 name,
                 "looks like UTF-16 text (byte-order mark found); pass --encoding utf-16",
             )
-        offset = raw.index(b"\x00")
-        line = raw.count(b"\n", 0, offset) + 1
+        at = raw.index(b"\x00")
+        nul_line = line + raw.count(b"\n", 0, at)
         raise DataError(
             name,
-            f"looks like a binary file (NUL byte at line {line}, "
-            f"byte offset {offset}); expected a text file",
+            f"looks like a binary file (NUL byte at line {nul_line}, "
+            f"byte offset {offset + at}); expected a text file",
         )
-    skipped = 0  # bytes of a UTF-8 BOM removed, to report offsets in the file
-    if codec in ("utf_8", "utf_8_sig") and raw.startswith(_UTF8_BOM):
+    skipped = offset  # bytes before ``raw`` (and of a UTF-8 BOM removed), to report offsets in the file
+    if first and codec in ("utf_8", "utf_8_sig") and raw.startswith(_UTF8_BOM):
         raw = raw[len(_UTF8_BOM) :]
-        skipped = len(_UTF8_BOM)
+        skipped += len(_UTF8_BOM)
     try:
         text = raw.decode(encoding, errors)
     except UnicodeDecodeError as exc:
-        line = raw.count(b"\n", 0, exc.start) + 1
+        bad_line = line + raw.count(b"\n", 0, exc.start)
         column = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1)
         raise DataError(
             name,
-            f"invalid {encoding} at line {line} (byte offset {exc.start + skipped}, "
+            f"invalid {encoding} at line {bad_line} (byte offset {exc.start + skipped}, "
             f"byte {column} of the line: "
             f"{exc.reason}); fix the file, pass --encoding, or pass --errors replace",
         ) from exc
-    text = text.removeprefix("\ufeff")
-    text = text.replace("\r\n", "\n").replace("\r", "\n")
-    if not text.strip():
-        raise DataError(name, "file contains only whitespace")
-    return text
+    if first:
+        text = text.removeprefix("\ufeff")
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+#: How much of a file ``--task auto`` reads to tell a language-model corpus from a classifier's lines.
+HEAD_BYTES = 4 * 1024 * 1024
+
+
+def read_head(path: str | os.PathLike[str], encoding: str = "utf-8", errors: str = "strict",
+              max_bytes: int = HEAD_BYTES) -> str:
+    """The text of the whole lines in the first ``max_bytes`` of a regular file (all of it when it is no
+    larger, or when the encoding's line break is not the byte ``\\n``), checked as :func:`read_text` does."""
+    name = os.fspath(path)
+    size = os.path.getsize(name) if os.path.isfile(name) else None
+    if size is None or size <= max_bytes or _codec_name(name, encoding).startswith(("utf_16", "utf_32")):
+        return read_text(name, encoding, errors)
+    try:
+        with open(name, "rb") as handle:
+            raw = handle.read(max_bytes)
+    except OSError as exc:
+        raise DataError(name, f"cannot read file: {exc.strerror or exc}") from exc
+    end = raw.rfind(b"\n") + 1
+    return decode_text(raw[: end or len(raw)], name, encoding, errors)
 
 
 #: Bytes read at a time, so that a large file shows progress (``progress.Progress``).
@@ -490,6 +529,8 @@ def lm_dataset(
         )
     if array.size and (array.min() < 0 or array.max() > np.iinfo(np.int32).max):
         raise ValueError("token ids must lie in [0, 2**31)")
+    if not shuffle:
+        return lm_eval_batches(array, seq_len, batch_size)
     array = array.astype(np.int32, copy=False)
 
     if shuffle and random_offsets:
@@ -520,12 +561,8 @@ def lm_dataset(
 
     x, y = lm_windows(array, seq_len)
     dataset = tf.data.Dataset.from_tensor_slices((x, y))
-    if shuffle:
-        dataset = dataset.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
-        dataset = dataset.batch(batch_size, drop_remainder=len(x) >= batch_size)
-    else:
-        dataset = dataset.batch(batch_size, drop_remainder=False)
-    return prefetched(dataset)
+    dataset = dataset.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
+    return prefetched(dataset.batch(batch_size, drop_remainder=len(x) >= batch_size))
 
 
 def lm_steps_per_epoch(num_tokens: int, seq_len: int, batch_size: int) -> int:
@@ -553,6 +590,25 @@ def prefetched(dataset: tf.data.Dataset) -> tf.data.Dataset:
     return dataset.prefetch(PREFETCH).with_options(options)
 
 
+def window_reader(ids: np.ndarray, seq_len: int) -> Callable[[tf.Tensor], tf.Tensor]:
+    """``read(starts)``: the int32 windows ``ids[s : s + seq_len + 1]`` for a 1-D int64 tensor of start offsets,
+    copied out of ``ids`` by NumPy (``tf.numpy_function``), so ``ids`` — a ``numpy.memmap`` of a corpus of
+    gigabytes — is never copied whole into a tensor: only the pages under the windows are read."""
+    import tensorflow as tf
+
+    array = _as_ids(ids)
+    span = np.arange(seq_len + 1, dtype=np.int64)
+
+    def gather(starts: np.ndarray) -> np.ndarray:
+        return array[starts[:, None] + span[None, :]].astype(np.int32)
+
+    def read(starts: tf.Tensor) -> tf.Tensor:
+        windows = tf.numpy_function(gather, [starts], tf.int32, stateful=False)
+        return tf.ensure_shape(windows, [None, seq_len + 1])
+
+    return read
+
+
 def lm_train_batches(
     ids: np.ndarray, seq_len: int, batch_size: int, seed: int, start_step: int, stop_step: int
 ) -> tf.data.Dataset:
@@ -561,25 +617,41 @@ def lm_train_batches(
     Batch ``k`` holds ``batch_size`` windows of ``seq_len + 1`` tokens starting at offsets drawn by
     ``tf.random.stateless_uniform(seed=[k, seed])`` — uniform over the corpus, like :func:`lm_dataset`'s
     training mode — so a run resumed at step ``k`` sees exactly the batches an uninterrupted run sees.
-    Yields ``(x, y)`` int32 of shape ``(batch_size, seq_len)``, ``y`` shifted by one token.
+    Yields ``(x, y)`` int32 of shape ``(batch_size, seq_len)``, ``y`` shifted by one token. The windows are
+    read from ``ids`` (a memory map for a prepared corpus) by :func:`window_reader`.
     """
     import tensorflow as tf
 
-    array = _as_ids(ids).astype(np.int32, copy=False)
-    if len(array) < seq_len + 1:
-        raise ValueError(f"{len(array)} tokens are too few for one window of seq_len {seq_len}")
-    tokens = tf.constant(array)
-    span = tf.range(seq_len + 1, dtype=tf.int64)
-    max_start = len(array) - seq_len - 1
+    if len(ids) < seq_len + 1:
+        raise ValueError(f"{len(ids)} tokens are too few for one window of seq_len {seq_len}")
+    read = window_reader(ids, seq_len)
+    max_start = len(ids) - seq_len - 1
 
     def make_batch(step: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         starts = tf.random.stateless_uniform([batch_size], seed=tf.stack([step, tf.constant(seed, tf.int64)]),
                                              minval=0, maxval=max_start + 1, dtype=tf.int64)
-        windows = tf.gather(tokens, starts[:, None] + span[None, :])
+        windows = tf.ensure_shape(read(starts), [batch_size, seq_len + 1])
         return windows[:, :-1], windows[:, 1:]
 
     steps = tf.data.Dataset.range(start_step, stop_step)
     return prefetched(steps.map(make_batch, deterministic=True))
+
+
+def lm_eval_batches(ids: np.ndarray, seq_len: int, batch_size: int) -> tf.data.Dataset:
+    """The non-overlapping windows of :func:`lm_windows` in order, ``batch_size`` at a time (the last batch
+    partial), read from ``ids`` batch by batch (:func:`window_reader`): evaluation in bounded memory."""
+    import tensorflow as tf
+
+    windows = (len(ids) - 1) // seq_len
+    read = window_reader(ids, seq_len)
+
+    def make_batch(first: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        starts = tf.range(first, tf.minimum(first + batch_size, windows), dtype=tf.int64) * seq_len
+        batch = read(starts)
+        return batch[:, :-1], batch[:, 1:]
+
+    firsts = tf.data.Dataset.range(0, windows, batch_size)
+    return prefetched(firsts.map(make_batch, deterministic=True))
 
 
 # --------------------------------------------------------------------------- classification

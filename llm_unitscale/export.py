@@ -7,7 +7,8 @@ The SavedModel has one signature, ``serving_default`` (also callable as the ``se
                        float32 (batch, classes)      class logits, order = config.json "labels"  (task "classify")
 
 Softmax of the logits gives the probabilities; tokenisation stays on the client (the run's tokenizer and
-vocabulary, whose config.json and vocab.pkl are copied into ``assets.extra/`` of the export). For the ``bag``
+vocabulary, whose config.json and vocab.pkl — and a BPE run's tokenizer.json — are copied into
+``assets.extra/`` of the export). For the ``bag``
 classifier the ids are its n-gram features (config.json "features": ``preprocessing.ngrams.BagOfNgrams``). Positions beyond
 the run's ``seq_len`` are outside the position table: send at most ``seq_len`` tokens (time may vary per call).
 The unit-scaled custom gradients play no part at inference; the export holds only the forward graph and the
@@ -51,7 +52,7 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, overwrite: bo
     import tensorflow as tf
 
     from llm_unitscale import files
-    from llm_unitscale.runs import CONFIG, VOCAB, RunError, load_run
+    from llm_unitscale.runs import CONFIG, TOKENIZER, VOCAB, RunError, load_run
 
     run = load_run(run_dir)
     target = Path(out) if out is not None else run.path / "export"
@@ -78,6 +79,8 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, overwrite: bo
             extra.mkdir(exist_ok=True)
             shutil.copy2(run.path / CONFIG, extra / CONFIG)
             shutil.copy2(run.path / VOCAB, extra / VOCAB)
+            if (run.path / TOKENIZER).is_file():  # a BPE run's tokenizer
+                shutil.copy2(run.path / TOKENIZER, extra / TOKENIZER)
             (extra / "signature.json").write_text(json.dumps({
                 "signature": SIGNATURE, "inputs": {INPUT_NAME: {"dtype": "int32", "shape": [None, None]}},
                 "outputs": {OUTPUT_NAME: {"dtype": "float32", "shape": [None, None, len(run.vocab)]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from llm_unitscale.preprocessing.vocabulary import SPECIAL_TOKENS
 from llm_unitscale.runs import Run
 
 
@@ -58,7 +59,7 @@ def next_tokens(run: Run, text: str, top_k: int = 5) -> dict:
     probs = softmax(_last_logits(run, ids))
     probs[[run.vocab.pad_id, run.vocab.bos_id]] = 0.0  # never targets in training
     order = np.argsort(-probs)[:top_k]
-    result = {"input": text, "next": [{"token": run.vocab.id_to_token(int(i)), "prob": float(probs[i])} for i in order]}
+    result = {"input": text, "next": [{"token": shown_token(run, int(i)), "prob": float(probs[i])} for i in order]}
     if notes:
         result["notes"] = notes
     return result
@@ -120,6 +121,15 @@ def generate(
             break
     text_out = decode_lines(run, new)
     return text_out[: text_out.index(stop)] if stop and stop in text_out else text_out
+
+
+def shown_token(run: Run, i: int) -> str:
+    """Token ``i`` as a user reads it: a BPE piece decoded from its byte letters (``"Ġthe"`` → ``" the"``), the
+    special tokens and every other tokenizer's tokens as they are."""
+    token = run.vocab.id_to_token(i)
+    if getattr(run.tokenizer, "mode", None) == "bpe" and i >= len(SPECIAL_TOKENS):
+        return run.tokenizer.detokenize([token])
+    return token
 
 
 def decode_lines(run: Run, ids: list[int]) -> str:

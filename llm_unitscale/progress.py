@@ -4,8 +4,9 @@
 Work that ends within :data:`DELAY` seconds shows nothing (small inputs stay quiet, and one-line errors stay one
 line). After that: on a terminal a ``keras.utils.Progbar``, redrawn in place; otherwise (a log file, a pipe)
 one line every :data:`EVERY` seconds,
-``tokenising big.txt: 12,500,000 of 50,000,000 characters (25%), 1,900,000 characters/s``, and a last line
-when done. ``LLM_UNITSCALE_PROGRESS_SECONDS`` sets both intervals (the tests use 0).
+``tokenising big.txt: 12,500,000 of 50,000,000 characters (25%), 1,900,000 characters/s, ETA 20 s``, and a
+last line when done. A count in bytes also shows MB/s first; ``extra="tokens"`` adds a second count and its rate
+(``update(done, tokens)``): ``..., 3,100,000 tokens (620,000 tokens/s)``. ``LLM_UNITSCALE_PROGRESS_SECONDS`` sets both intervals (the tests use 0).
 """
 
 from __future__ import annotations
@@ -30,8 +31,10 @@ def _interval() -> float:
 class Progress:
     """Counts and rate of one long loop (see the module docstring); ``total`` None when unknown."""
 
-    def __init__(self, what: str, total: int | None, unit: str, stream: TextIO | None = None) -> None:
-        self.what, self.total, self.unit = what, total, unit
+    def __init__(self, what: str, total: int | None, unit: str, stream: TextIO | None = None,
+                 extra: str | None = None) -> None:
+        self.what, self.total, self.unit, self.extra = what, total, unit, extra
+        self.extra_done = 0
         self.stream = stream if stream is not None else sys.stderr
         self.every = _interval()
         self.started = self.last = time.perf_counter()
@@ -43,9 +46,12 @@ class Progress:
         except (AttributeError, ValueError):
             self._terminal = False
 
-    def update(self, done: int) -> None:
-        """Record that ``done`` units are finished (an absolute count); show it when it is time."""
+    def update(self, done: int, extra: int | None = None) -> None:
+        """Record that ``done`` units (and ``extra`` of the second count) are finished (absolute counts); show
+        it when it is time."""
         self.done = done
+        if extra is not None:
+            self.extra_done = extra
         now = time.perf_counter()
         if now - self.last < self.every and (self.shown or now - self.started < self.every):
             return
@@ -65,8 +71,15 @@ class Progress:
         of = f" of {self.total:,}" if self.total else ""
         share = f" ({self.done / self.total:.0%})" if self.total else ""
         rate = f"{self.done / seconds:,.0f} {self.unit}/s"
-        return (f"{self.what}: {self.done:,}{of} {self.unit}{share}, {rate}"
-                + (f", done in {seconds:.1f} s" if final else ""))
+        if self.unit == "bytes":
+            rate = f"{self.done / seconds / 1e6:,.1f} MB/s, {rate}"
+        if self.extra:
+            rate += f", {self.extra_done:,} {self.extra} ({self.extra_done / seconds:,.0f} {self.extra}/s)"
+        if final:
+            return f"{self.what}: {self.done:,}{of} {self.unit}{share}, {rate}, done in {seconds:.1f} s"
+        eta = (f", ETA {(self.total - self.done) * seconds / self.done:,.0f} s"
+               if self.total and 0 < self.done < self.total else "")
+        return f"{self.what}: {self.done:,}{of} {self.unit}{share}, {rate}{eta}"
 
     def _show(self, now: float, final: bool = False) -> None:
         self.shown = True

@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,8 @@ from llm_unitscale import files
 
 CONFIG, VOCAB, MODEL, EMBEDDINGS = "config.json", "vocab.pkl", "model.keras", "embeddings.kv"
 HISTORY, METRICS, PLOT, VALIDATION = "history.json", "metrics.json", "training.png", "validation.txt"
+#: A BPE run's tokenizer (the ``tokenizers`` library's JSON; ``preprocessing.bpe``).
+TOKENIZER = "tokenizer.json"
 REQUIRED = (CONFIG, VOCAB, MODEL)
 #: The file that marks a folder as a run of ours (also in ``.NAME.partial/`` from its first moment).
 MARKER = ".llm_unitscale"
@@ -38,12 +42,25 @@ class RunError(ValueError):
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` via a temporary file in the same folder and an atomic rename."""
+    _atomic_write(path, lambda handle: handle.write(data))
+
+
+def atomic_copy(source: str | os.PathLike, path: str | os.PathLike) -> None:
+    """Copy the file ``source`` to ``path`` via a temporary file in the same folder and an atomic rename."""
+    def copy(handle: Any) -> None:
+        with open(source, "rb") as original:
+            shutil.copyfileobj(original, handle, 16 * 1024 * 1024)
+
+    _atomic_write(path, copy)
+
+
+def _atomic_write(path: str | os.PathLike, write: Callable[[Any], Any]) -> None:
     path = Path(path)
     with files.writing(path.name, path):
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         try:
             with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
+                write(handle)
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(tmp, path)
@@ -183,7 +200,12 @@ def load_run(path: str | os.PathLike) -> Run:
 
     folder = Path(path)
     config = load_config(folder)
-    tokenizer = Tokenizer.from_config(config["tokenizer"])
+    if isinstance(config.get("tokenizer"), dict) and config["tokenizer"].get("mode") == "bpe":
+        from llm_unitscale.preprocessing.bpe import BpeTokenizer
+
+        tokenizer = BpeTokenizer.load(folder / TOKENIZER, config["tokenizer"])
+    else:
+        tokenizer = Tokenizer.from_config(config["tokenizer"])
     vocab = Vocabulary.load(folder / VOCAB)
     if not zipfile.is_zipfile(folder / MODEL):
         raise RunError(f"{folder / MODEL}: not a Keras model file (not a zip archive: truncated or corrupt?)")

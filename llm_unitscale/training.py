@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import os
 import platform
 import sys
 import time
@@ -26,6 +27,13 @@ import numpy as np
 from llm_unitscale import checkpoint, runs
 from llm_unitscale import data as data_mod
 from llm_unitscale import precision as precision_mod
+from llm_unitscale.prepared import (  # noqa: F401  (the text → ids helpers, re-exported for their users)
+    keeps_empty_lines,
+    line_ids,
+    lm_ids,
+    split_tail,
+    tokenize_lines,
+)
 from llm_unitscale.step_log import StepLog
 
 #: Default peak learning rate: unit-scaled vs stock Keras baseline (from the sweep; see the module docstring).
@@ -89,6 +97,8 @@ class TrainConfig:
     embeddings: str | None = None
     min_count: int = 1
     max_vocab: int | None = 20000
+    vocab_size: int | None = None  # bpe: the vocabulary, special tokens included (bpe.DEFAULT_VOCAB_SIZE)
+    cache: str | None = None  # prepared corpora (prepared.cache_dir)
     val_fraction: float = 0.1
     seed: int = 0
     jit_compile: bool | None = None
@@ -195,6 +205,18 @@ class TrainConfig:
         if self.precision == "keras-float8" and self.unit_scaling:
             raise ConfigError("--precision keras-float8 (Keras's own float8 layers) needs --no-unit-scaling; "
                               "unit-scaled models use --precision fp8")
+        if self.tokenizer == "bpe" and self.task == "classify":
+            raise ConfigError("--tokenizer bpe trains language models; a classifier takes word, char, jieba or "
+                              "wordpunct")
+        from llm_unitscale.preprocessing.bpe import MIN_VOCAB_SIZE
+
+        if self.vocab_size is not None and (not isinstance(self.vocab_size, int) or not
+                                            MIN_VOCAB_SIZE <= self.vocab_size <= 1 << 24):
+            raise ConfigError(f"--vocab-size must be an integer from {MIN_VOCAB_SIZE} (the 256 bytes and 4 special "
+                              f"tokens) to {1 << 24}, got {self.vocab_size}")
+        if self.vocab_size is not None and self.tokenizer not in (None, "bpe"):
+            raise ConfigError("--vocab-size sets the size of a BPE vocabulary (--tokenizer bpe); the other "
+                              "tokenizers take --max-vocab")
         if not isinstance(self.track_scales, int) or self.track_scales < 0:
             raise ConfigError(f"--track-scales must be a number of steps >= 0 (0 = off), got {self.track_scales}")
 
@@ -209,73 +231,22 @@ class Corpus:
     labels: list[str] | None
     train: Any  # lm: np.ndarray of ids; classify: (token id lists, label ids)
     val: Any
-    val_text: str
-    token_lines: list[list[str]]  # training tokens per line (for Word2Vec)
+    val_text: str | Path  # the held-out text, or the file that holds it (a prepared corpus)
+    token_lines: list[list[str]] | None  # classify: training tokens per text (for Word2Vec); lm: None
     features: Any = None  # classify with arch "bag": the preprocessing.ngrams.BagOfNgrams recipe
+    data_sha256: str | None = None  # lm: the text's hash from the prepared corpus
 
+    def word2vec_lines(self) -> tuple[list[list[str]], int, int]:
+        """(sentences, epochs, all sentences) for Word2Vec: ``embeddings.word2vec_plan``'s bounded sample of the
+        training texts (lm: of the lines of the token ids, decoded one sampled line at a time)."""
+        from llm_unitscale.preprocessing import embeddings as emb
 
-def split_tail(text: str, fraction: float) -> tuple[str, str]:
-    """Split off the last ``fraction`` of the text at a line break (or a space) near that point."""
-    cut = int(len(text) * (1.0 - fraction))
-    for sep in ("\n", " "):
-        at = text.rfind(sep, 0, cut)
-        if at > len(text) * (1.0 - 2.5 * fraction):
-            return text[: at + 1], text[at + 1 :]
-    return text[:cut], text[cut:]
+        if self.token_lines is not None:
+            lines, epochs = emb.word2vec_plan(self.token_lines)
+            return lines, epochs, len(self.token_lines)
+        from llm_unitscale.prepared import id_lines
 
-
-def tokenize_lines(tokenizer: Any, text: str, what: str | None = None) -> tuple[list[list[str]], list[int]]:
-    """Tokenise ``text`` once: the tokens of every piece of every line (``data.line_pieces``; empty lists
-    kept) and, per line, the index after its last piece. ``what``: show progress on stderr under that name."""
-    from llm_unitscale.progress import Progress
-
-    progress = Progress(what, len(text), "characters") if what else None
-    pieces: list[list[str]] = []
-    line_ends: list[int] = []
-    done = 0
-    lines = text.split("\n")
-    if len(lines) > 1 and lines[-1] == "":
-        lines.pop()  # a final line break ends the last line, it does not start an empty one
-    for line in lines:
-        for piece in data_mod.line_pieces(line):
-            pieces.append(tokenizer.tokenize(piece))
-            done += len(piece)
-            if progress is not None and (len(pieces) % 64 == 0 or len(piece) > 4096):  # a clock read is ~1 µs
-                progress.update(done)
-        line_ends.append(len(pieces))
-        done += 1
-    if progress is not None:
-        progress.close(len(text))
-    return pieces, line_ends
-
-
-def line_ids(vocab: Any, pieces: list[list[str]], line_ends: list[int], keep_empty: bool = False) -> np.ndarray:
-    """Token ids for language modelling from :func:`tokenize_lines`: each line's tokens, then ``<eos>``
-    (an empty line too with ``keep_empty``)."""
-    ids: list[int] = []
-    start = 0
-    for end in line_ends:
-        line = [token for tokens in pieces[start:end] for token in tokens]
-        if line or keep_empty:
-            ids.extend(vocab.encode(line))
-            ids.append(vocab.eos_id)
-        start = end
-    return np.asarray(ids, dtype=np.int32)
-
-
-def lm_ids(tokenizer: Any, vocab: Any, text: str) -> np.ndarray:
-    """Token ids of a text for language modelling: each line's tokens followed by ``<eos>``, the line break.
-
-    In char mode every line break is kept, so an empty line is a lone ``<eos>`` and a model learns paragraphs
-    and verse; in word and jieba mode empty lines are skipped. A final line break ends the last line, it does
-    not start an empty one.
-    """
-    return line_ids(vocab, *tokenize_lines(tokenizer, text), keep_empty=keeps_empty_lines(tokenizer))
-
-
-def keeps_empty_lines(tokenizer: Any) -> bool:
-    """Char mode keeps empty lines as a lone ``<eos>`` (paragraphs, verse); word and jieba mode skip them."""
-    return getattr(tokenizer, "mode", None) == "char"
+        return id_lines(self.train, self.vocab)
 
 
 def classify_ids(tokenizer: Any, vocab: Any, texts: list[str], max_tokens: int, features: Any = None,
@@ -302,35 +273,65 @@ def bag_features(cfg: TrainConfig, vocab: Any) -> Any:
     return BagOfNgrams(len(vocab), cfg.buckets, cfg.word_ngrams, low or 1, high)
 
 
+def read_for_task(cfg: TrainConfig) -> tuple[str, str | None]:
+    """(task, text): the task given or detected, and the file's text when training needs it in memory (a
+    classifier, or an input that is not a regular file), else None (a language model's corpus is streamed).
+
+    ``--task auto`` looks at the first ``data.HEAD_BYTES`` of a larger file: a classifier's file is then read
+    whole and checked again over every line.
+    """
+    regular = os.path.isfile(cfg.data)  # a pipe or a device is read once, whole
+    if cfg.task == "lm" and regular:
+        return "lm", None
+    if cfg.task == "auto" and regular:
+        head = data_mod.read_head(cfg.data, cfg.encoding, cfg.errors)
+        task = data_mod.detect_task(head.split("\n"), cfg.data)
+        if task == "lm":
+            return task, None
+    text = data_mod.read_text(cfg.data, cfg.encoding, cfg.errors)
+    return (cfg.task if cfg.task != "auto" else data_mod.detect_task(text.split("\n"), cfg.data)), text
+
+
+def tokenizer_config(cfg: TrainConfig) -> dict:
+    """The settings of the run's tokenizer (``Tokenizer.get_config``, or BPE's before it is trained)."""
+    from llm_unitscale.preprocessing import Tokenizer
+    from llm_unitscale.preprocessing.bpe import DEFAULT_VOCAB_SIZE
+
+    if cfg.tokenizer == "bpe":
+        return {"mode": "bpe", "vocab_size": cfg.vocab_size or DEFAULT_VOCAB_SIZE, "lowercase": cfg.lowercase,
+                "normalize": True}
+    return Tokenizer(mode=cfg.tokenizer, lowercase=cfg.lowercase).get_config()
+
+
+def prepare_lm(cfg: TrainConfig, log: TextIO = sys.stderr) -> Corpus:
+    """A language model's corpus: the prepared corpus of ``cfg.data`` (``prepared.prepare``: streamed,
+    tokenised in parallel, cached), its ids read through a memory map."""
+    from llm_unitscale import prepared
+
+    ready = prepared.prepare(cfg.data, tokenizer_config(cfg), val_fraction=cfg.val_fraction, min_count=cfg.min_count,
+                             max_vocab=cfg.max_vocab, encoding=cfg.encoding, errors=cfg.errors, cache=cfg.cache,
+                             log=log)
+    need = cfg.seq_len + 1
+    if len(ready.train) < need or len(ready.val) < need:
+        raise data_mod.DataError(
+            cfg.data,
+            f"too short: {len(ready.ids)} tokens, but --seq-len {cfg.seq_len} needs at least "
+            f"{math.ceil(need / cfg.val_fraction)} (or pass a smaller --seq-len)",
+        )
+    print(ready.summary(), file=log)
+    return Corpus("lm", ready.tokenizer, ready.vocab, None, ready.train, ready.val, ready.val_path, None,
+                  data_sha256=ready.manifest["data_sha256"])
+
+
 def prepare_corpus(cfg: TrainConfig, text: str) -> Corpus:
-    """Detect the task, split train/validation, tokenise and build the vocabulary from the training part."""
+    """A classifier's corpus: split train/validation (stratified), tokenise, build the vocabulary from the
+    training part."""
     from llm_unitscale.preprocessing import Tokenizer, Vocabulary
-    from llm_unitscale.preprocessing.tokenizer import is_wordlike
 
     path = cfg.data
     lines = text.split("\n")
-    task = cfg.task if cfg.task != "auto" else data_mod.detect_task(lines, path)
-    cfg = cfg.with_task_defaults(task)
     tokenizer = Tokenizer(mode=cfg.tokenizer, lowercase=cfg.lowercase)
-    if task == "lm":
-        train_text, val_text = split_tail(text, cfg.val_fraction)
-        pieces, line_ends = tokenize_lines(tokenizer, train_text, f"tokenising {path}")
-        token_lines = [tokens for tokens in pieces if tokens]
-        if not any(is_wordlike(token) for line in token_lines for token in line):
-            raise data_mod.DataError(path, "no words found, only punctuation, symbols or spaces")
-        vocab = Vocabulary.build(token_lines, min_count=cfg.min_count, max_size=cfg.max_vocab)
-        train_ids = line_ids(vocab, pieces, line_ends, keep_empty=keeps_empty_lines(tokenizer))
-        val_ids = lm_ids(tokenizer, vocab, val_text)
-        need = cfg.seq_len + 1
-        if len(train_ids) < need or len(val_ids) < need:
-            have = len(train_ids) + len(val_ids)
-            raise data_mod.DataError(
-                path,
-                f"too short: {have} tokens, but --seq-len {cfg.seq_len} needs at least "
-                f"{math.ceil(need / cfg.val_fraction)} (or pass a smaller --seq-len)",
-            )
-        return Corpus(task, tokenizer, vocab, None, train_ids, val_ids, val_text, token_lines)
-
+    task = "classify"
     labels, texts = data_mod.parse_labelled(lines)
     names = sorted(set(labels))
     if len(names) < 2:
@@ -408,8 +409,8 @@ def init_embeddings(cfg: TrainConfig, corpus: Corpus, model: Any, work: Path, lo
     if cfg.embeddings == "none":
         return {"embeddings": "none"}
     if cfg.embeddings == "word2vec":
-        lines, epochs = emb.word2vec_plan(corpus.token_lines)
-        sample = "" if len(lines) == len(corpus.token_lines) else f" (a sample of {len(corpus.token_lines):,})"
+        lines, epochs, every = corpus.word2vec_lines()
+        sample = "" if len(lines) == every else f" (a sample of {every:,})"
         print(f"training Word2Vec ({cfg.width} dims, {epochs} epoch{'s' * (epochs > 1)}) on {len(lines):,} "
               f"lines{sample}, {sum(map(len, lines)):,} tokens", file=log)
         kv = emb.train_word2vec(lines, vector_size=cfg.width, seed=cfg.seed, epochs=epochs, progress=True)
@@ -607,15 +608,24 @@ def _train_into(cfg: TrainConfig, writer: Any, log: TextIO) -> dict:
 
     started = time.perf_counter()
     out, work = writer.out, writer.work
-    text = data_mod.read_text(cfg.data, cfg.encoding, cfg.errors)
+    task, text = read_for_task(cfg)
     keras.utils.set_random_seed(cfg.seed)
     if cfg.deterministic:  # CPU kernels already are; on GPU this picks deterministic (slower) ones
         tf.config.experimental.enable_op_determinism()
     given_task = cfg.task
-    task = cfg.task if cfg.task != "auto" else data_mod.detect_task(text.split("\n"), cfg.data)
     cfg = cfg.with_task_defaults(task)
     cfg.validate()
-    corpus = prepare_corpus(cfg, text)
+    if task == "classify":
+        corpus = prepare_corpus(cfg, text)
+    elif text is None:
+        corpus = prepare_lm(cfg, log)
+    else:  # not a regular file (a pipe): prepared from a copy, removed once the ids are made
+        source = work / ".input.txt"
+        runs.atomic_write_bytes(source, text.encode("utf-8"))
+        try:
+            corpus = prepare_lm(dataclasses.replace(cfg, data=str(source), encoding="utf-8"), log)
+        finally:
+            source.unlink(missing_ok=True)
     print(f"task: {corpus.task} ({'auto-detected' if given_task == 'auto' else 'given'}), "
           f"vocabulary {len(corpus.vocab)}" + (f", labels {corpus.labels}" if corpus.labels else ""), file=log)
     train_batches, val_ds, steps_per_epoch = datasets(cfg, corpus)
@@ -649,7 +659,7 @@ def _train_into(cfg: TrainConfig, writer: Any, log: TextIO) -> dict:
         "features": corpus.features.get_config() if corpus.features else None,
         "typical_count": typical,
         "params": int(model.count_params()),
-        "data_sha256": data_mod.corpus_hash(text),
+        "data_sha256": corpus.data_sha256 or data_mod.corpus_hash(text),
         "steps": total_steps,
         "versions": {
             "llm_unitscale": llm_unitscale.__version__, "tensorflow": tf.__version__, "keras": keras.__version__,
@@ -662,7 +672,12 @@ def _train_into(cfg: TrainConfig, writer: Any, log: TextIO) -> dict:
     if state is not None:
         check_same_run(work / runs.CONFIG, config)
     corpus.vocab.save(work / runs.VOCAB)
-    runs.atomic_write_bytes(work / runs.VALIDATION, corpus.val_text.encode("utf-8"))
+    if corpus.tokenizer.mode == "bpe":
+        corpus.tokenizer.save(work / runs.TOKENIZER)
+    if isinstance(corpus.val_text, Path):
+        runs.atomic_copy(corpus.val_text, work / runs.VALIDATION)
+    else:
+        runs.atomic_write_bytes(work / runs.VALIDATION, corpus.val_text.encode("utf-8"))
     runs.atomic_write_json(work / runs.CONFIG, config)
 
     throughput = Throughput(tokens_per_step(cfg, corpus))

@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 from helpers import ROOT, TINY
 
-from llm_unitscale import cli, files, run_writer, runs, training
+from llm_unitscale import cli, files, prepared, run_writer, runs, training
 from llm_unitscale.data import read_text
 from llm_unitscale.preprocessing import Tokenizer
 from llm_unitscale.preprocessing.tokenizer import normalize_text
@@ -329,13 +329,15 @@ def _interrupt(*args: object, **kwargs: object) -> None:
 
 @pytest.mark.parametrize("phase", ["reading", "tokenising", "word2vec", "compiling"])
 def test_ctrl_c_before_training_leaves_nothing(phase: str, tmp_path: Path, capsys: pytest.CaptureFixture,
-                                               monkeypatch: pytest.MonkeyPatch) -> None:
+                                               monkeypatch: pytest.MonkeyPatch,
+                                               tmp_path_factory: pytest.TempPathFactory) -> None:
     from llm_unitscale import data as data_module
     from llm_unitscale.preprocessing import embeddings
 
-    target = {"reading": (data_module, "read_text"), "tokenising": (training, "tokenize_lines"),
+    target = {"reading": (data_module, "read_text"), "tokenising": (prepared, "tokenize_lines"),
               "word2vec": (embeddings, "train_word2vec"), "compiling": (training, "compile_model")}[phase]
     monkeypatch.setattr(*target, _interrupt)
+    monkeypatch.setenv("LLM_UNITSCALE_CACHE", str(tmp_path_factory.mktemp("cache")))  # tokenise, not reuse
     data = tmp_path / "text.txt"
     data.write_text(TEXT, encoding="utf-8")
     options = WORD2VEC if phase == "word2vec" else SMALL
@@ -443,7 +445,8 @@ def test_a_file_of_emoji_is_text(tmp_path: Path) -> None:
     """Refused before as "no words found": emoji are words people write, each a token."""
     data = tmp_path / "emoji.txt"
     text = "😀 🎉 ❤️ 😂 👍🏽\n🎉🎉 😀 🇫🇷\n" * 60
-    corpus = training.prepare_corpus(tiny_config(data, tmp_path / "r"), text)
+    data.write_text(text, encoding="utf-8")
+    corpus = training.prepare_lm(tiny_config(data, tmp_path / "r").with_task_defaults("lm"))
     assert corpus.task == "lm" and {"😀", "🎉", "❤️", "👍🏽", "🇫🇷"} <= set(corpus.vocab)
     assert len(corpus.train) > 17 * 8  # enough windows for --seq-len 16
 

@@ -114,11 +114,16 @@ def word2vec_plan(sentences: list[list[str]], budget: int = WORD2VEC_TOKEN_BUDGE
     Word2Vec is an initialisation, and its cost grew with the corpus: 5.5 s of a 2000-step character recipe
     (10 epochs over 2.9 M characters, 82 distinct) and about a minute for 50 MB. A few hundred distinct tokens
     need no 10 passes over millions of occurrences; a small corpus keeps all 10."""
-    tokens = sum(len(sentence) for sentence in sentences)
+    step, epochs = word2vec_sampling(sum(len(sentence) for sentence in sentences), budget, most_epochs)
+    return sentences[::step], epochs
+
+
+def word2vec_sampling(tokens: int, budget: int = WORD2VEC_TOKEN_BUDGET,
+                      most_epochs: int = WORD2VEC_MAX_EPOCHS) -> tuple[int, int]:
+    """(k, epochs) of :func:`word2vec_plan` for ``tokens`` tokens: every k-th sentence, that many epochs."""
     if tokens <= budget:
-        return sentences, max(1, min(most_epochs, budget // max(tokens, 1)))
-    step = -(-tokens // budget)
-    return sentences[::step], 1
+        return 1, max(1, min(most_epochs, budget // max(tokens, 1)))
+    return -(-tokens // budget), 1
 
 
 def train_word2vec(

@@ -170,6 +170,16 @@ class Vocabulary:
             The vocabulary, ordered by count (descending) then token, so it is deterministic. Special
             tokens met in the text are not counted as ordinary tokens.
         """
+        counter: Counter[str] = Counter()
+        for tokens in token_lists:
+            if isinstance(tokens, str):
+                raise TypeError("Vocabulary.build expects lists of tokens, got a str (tokenize it first)")
+            counter.update(tokens)
+        return cls.from_counts(counter, min_count, max_size)
+
+    @classmethod
+    def from_counts(cls, counts: dict[str, int], min_count: int = 1, max_size: int | None = None) -> Vocabulary:
+        """:meth:`build` from counted tokens (``{token: count}``; special tokens among them are dropped)."""
         if isinstance(min_count, bool) or not isinstance(min_count, int) or min_count < 1:
             raise ValueError(f"min_count must be an int >= 1, got {min_count!r}")
         if max_size is not None and (
@@ -179,15 +189,8 @@ class Vocabulary:
                 f"max_size must be None or an int >= {len(SPECIAL_TOKENS)} (it includes the special tokens), "
                 f"got {max_size!r}"
             )
-        counter: Counter[str] = Counter()
-        for tokens in token_lists:
-            if isinstance(tokens, str):
-                raise TypeError("Vocabulary.build expects lists of tokens, got a str (tokenize it first)")
-            counter.update(tokens)
-        for special in SPECIAL_TOKENS:
-            counter.pop(special, None)
         kept = sorted(
-            ((tok, n) for tok, n in counter.items() if n >= min_count),
+            ((tok, n) for tok, n in counts.items() if n >= min_count and tok not in SPECIAL_TOKENS),
             key=lambda item: (-item[1], item[0]),
         )
         if max_size is not None:
