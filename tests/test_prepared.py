@@ -176,11 +176,20 @@ def test_bpe_run_trains_predicts_and_evaluates(tmp_path: Path) -> None:
     assert metrics["unk_rate"] == 0.0
 
 
+def test_bpe_option_mistakes_are_one_line(tmp_path: Path) -> None:
+    line = one_line_error(script("train", "data/dataset.txt", "--out", str(tmp_path / "r"), "--tokenizer", "bpe",
+                                 "--task", "classify"))
+    assert "--tokenizer bpe trains language models" in line and not (tmp_path / "r").exists()
+
+
 @pytest.mark.parametrize(("options", "message"), [
-    (["--tokenizer", "bpe", "--vocab-size", "100"], "--vocab-size must be an integer from 260"),
-    (["--vocab-size", "1000"], "--vocab-size sets the size of a BPE vocabulary"),
-    (["--tokenizer", "bpe", "--task", "classify"], "--tokenizer bpe trains language models"),
+    (dict(tokenizer="bpe", vocab_size=100), "--vocab-size must be an integer from 260"),
+    (dict(vocab_size=1000), "--vocab-size sets the size of a BPE vocabulary"),
 ])
-def test_bpe_option_mistakes_are_one_line(options: list[str], message: str, tmp_path: Path) -> None:
-    line = one_line_error(script("train", "data/dataset.txt", "--out", str(tmp_path / "r"), *options))
-    assert message in line and not (tmp_path / "r").exists()
+def test_bpe_vocabulary_size_mistakes_are_refused(options: dict, message: str) -> None:
+    """The same check as above (TrainConfig.validate, one line and exit 2 through train.py), in process."""
+    from llm_unitscale.training import ConfigError, TrainConfig
+
+    config = TrainConfig(data="data/dataset.txt", **options).with_task_defaults("lm")
+    with pytest.raises(ConfigError, match=message):
+        config.validate()
