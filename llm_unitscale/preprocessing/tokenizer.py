@@ -5,7 +5,9 @@ Three modes:
 ``"word"`` (default)
     Latin-script (and any other space-separated) text is split with NLTK's ``NLTKWordTokenizer`` -- the
     tokenizer behind ``nltk.word_tokenize`` -- which needs no downloaded data (``word_tokenize`` itself
-    needs the ``punkt_tab`` download for sentence splitting, which is not available offline). Because
+    needs the ``punkt_tab`` download for sentence splitting, which is not available offline), its rules
+    run on the standard ``re`` engine, twice as fast as NLTK's own and with the same tokens
+    (``preprocessing.nltk_engine``). Because
     ``NLTKWordTokenizer`` only splits the *final* full stop of a string, a small heuristic splits
     sentence-final full stops inside a line too ("world. How" -> ``world . How``) unless the word is a
     known abbreviation ("Mr.", "e.g.", initials). Runs of CJK characters (ideographs, kana, CJK and
@@ -57,7 +59,7 @@ import unicodedata
 from types import ModuleType
 from typing import Any
 
-from nltk.tokenize import NLTKWordTokenizer
+from llm_unitscale.preprocessing.nltk_engine import FastWordTokenizer
 
 __all__ = ["MODES", "Tokenizer", "TokenizerError", "is_wordlike", "jieba_available", "normalize_text"]
 
@@ -268,7 +270,7 @@ class Tokenizer:
         TokenizerError: unknown mode or cjk value, or jieba requested but not installed.
     """
 
-    _word_tokenizer = NLTKWordTokenizer()
+    _word_tokenizer = FastWordTokenizer()
 
     def __init__(
         self,
@@ -364,6 +366,8 @@ class Tokenizer:
         """Tokenize a stretch without CJK characters with NLTK, then split inner sentence stops."""
         if not text.strip():
             return []
+        if text.isascii():  # no curly apostrophe, no pictograph: skip both passes
+            return _split_sentence_stops(self._word_tokenizer.tokenize(text))
         text = _CURLY_APOSTROPHE_RE.sub("'", text)
         tokens = self._word_tokenizer.tokenize(text)
         return _split_pictographs(_split_sentence_stops(tokens))
