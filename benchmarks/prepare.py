@@ -3,9 +3,10 @@
     python benchmarks/prepare.py                 # 10 MB and 100 MB corpora, tokenizers word, char and bpe
     python benchmarks/prepare.py --sizes 10      # only 10 MB
     python benchmarks/prepare.py --big --json    # also 1 GB; one JSON document on stdout
+    python benchmarks/prepare.py --sizes --big --texts warpeace.txt   # 1 GB of English only
 
-Each corpus is ``warpeace.txt`` and ``sanguo.txt`` (English and Chinese, from ``--shared``) repeated in turn
-until it reaches the size, cut at a line break. Each measurement runs ``prepared.prepare`` in a fresh process
+Each corpus is ``warpeace.txt`` and ``sanguo.txt`` (English and Chinese, from ``--shared``; ``--texts`` chooses
+others) repeated in turn until it reaches the size, cut at a line break. Each measurement runs ``prepared.prepare`` in a fresh process
 with an empty cache (as ``train.py`` does before its first step) and reports its wall seconds, MB/s, the peak
 resident memory of that process and of its largest tokenising worker, the size of ``tokens.bin``, characters
 per token, and then the wall seconds of a second fresh process that finds the corpus in the cache (the start
@@ -26,6 +27,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 MB = 1_000_000
+#: The shared texts a corpus repeats by default: English and Chinese.
+TEXTS = ("warpeace.txt", "sanguo.txt")
 #: Run in a fresh process: prepare, then print what was measured as JSON.
 _CHILD = """
 import json, resource, sys, time
@@ -43,9 +46,9 @@ print(json.dumps({"seconds": seconds, "reused": ready.reused, "manifest": ready.
 """
 
 
-def build_corpus(path: Path, size: int, shared: Path) -> None:
-    """``size`` bytes of the shared English and Chinese texts in turn, ending at a line break."""
-    texts = [(shared / name).read_bytes() for name in ("warpeace.txt", "sanguo.txt")]
+def build_corpus(path: Path, size: int, shared: Path, names: tuple[str, ...] = TEXTS) -> None:
+    """``size`` bytes of the shared texts ``names`` in turn, ending at a line break."""
+    texts = [(shared / name).read_bytes() for name in names]
     written = 0
     with open(path, "wb") as handle:
         while written < size:
@@ -94,11 +97,13 @@ def measure(data: Path, mode: str, work: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", type=int, nargs="+", default=[10, 100], metavar="MB")
+    parser.add_argument("--sizes", type=int, nargs="*", default=[10, 100], metavar="MB")
     parser.add_argument("--big", action="store_true", help="also 1 GB (1000 MB)")
     parser.add_argument("--tokenizers", nargs="+", default=["word", "char", "bpe"])
     parser.add_argument("--shared", type=Path, default=ROOT.parent / "shared" / "data",
                         help="folder with warpeace.txt and sanguo.txt (default ../shared/data)")
+    parser.add_argument("--texts", nargs="+", default=list(TEXTS), metavar="NAME",
+                        help="shared texts repeated in turn to make each corpus (default: %(default)s)")
     parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temporary one)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
@@ -108,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(scratch)
         for size in sizes:
             data = work / f"corpus-{size}mb.txt"
-            build_corpus(data, size * MB, args.shared)
+            build_corpus(data, size * MB, args.shared, tuple(args.texts))
             for mode in args.tokenizers:
                 row = measure(data, mode, work)
                 rows.append(row)
@@ -120,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
                           flush=True)
             data.unlink()
     if args.json:
-        print(json.dumps({"cpus": os.cpu_count(), "rows": rows}, indent=2))
+        print(json.dumps({"cpus": os.cpu_count(), "texts": args.texts, "rows": rows}, indent=2))
     return 0
 
 

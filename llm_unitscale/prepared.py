@@ -24,9 +24,8 @@ How (:func:`prepare`), in passes over the file that each hold one chunk at a tim
 2. *read*: each chunk decoded and checked as ``data.read_text`` does (same messages), its characters counted;
    then the validation split, the file's last ``--val-fraction`` of characters cut at a line break exactly as
    :func:`split_tail` cuts the whole text (:func:`cut_index` needs only the chunk holding the cut point).
-3. *tokenise*: chunks are tokenised by one process per core (``multiprocessing``; BPE in this process, on the
-   ``tokenizers`` library's threads), each into ids of its own growing table, which this process maps to one
-   table for the corpus and spills to disk; the training part's counts are merged as chunks come back. Then
+3. *tokenise*: chunks are tokenised by one process per core (``multiprocessing``), each into ids of its own
+   growing table, which this process maps to one table for the corpus and spills to disk; the training part's counts are merged as chunks come back. Then
    the vocabulary (the serial ``Vocabulary.build`` rule: count, then token) and one pass that maps the spill
    to ``tokens.bin``. The ids are exactly the serial path's, :func:`lm_ids` over :func:`split_tail`'s two
    parts (tests/test_prepared.py).
@@ -58,7 +57,7 @@ from llm_unitscale import data as data_mod
 from llm_unitscale import files
 from llm_unitscale.progress import Progress
 
-__all__ = ["CACHE_ENV", "CHUNK_BYTES", "Prepared", "cache_dir", "cache_key", "cut_index", "id_lines",
+__all__ = ["BPE_SAMPLE_BYTES", "CACHE_ENV", "CHUNK_BYTES", "Prepared", "bpe_sample", "cache_dir", "cache_key", "cut_index", "id_lines",
            "keeps_empty_lines", "line_ids", "line_texts", "lm_ids", "prepare", "split_tail", "tokenize_lines"]
 
 #: Environment variable naming the cache folder (``--cache`` wins over it).
@@ -71,7 +70,9 @@ MANIFEST, TOKENS = "manifest.json", "tokens.bin"
 CHUNK_BYTES = 8 * 1024 * 1024
 #: Bytes read at a time by the passes that stream the file.
 BLOCK_BYTES = 16 * 1024 * 1024
-#: Ids mapped at a time when the spill is written as ``tokens.bin``.
+#: Most bytes of the training part the BPE trainer reads (:func:`bpe_sample`).
+BPE_SAMPLE_BYTES = 64 * 1024 * 1024
+#: Ids read from the spill at a time when it is written as ``tokens.bin``.
 MAP_IDS = 16 * 1024 * 1024
 
 
@@ -208,7 +209,7 @@ class _Table:
 
 
 class _Ids(_Table):
-    """The table of a tokenizer that gives ids itself (BPE's ``encode_many``): they pass unchanged."""
+    """The table of a tokenizer that gives ids itself (BPE's ``encode_many``)."""
 
     def encode(self, tokens: list[int]) -> list[int]:
         return tokens
@@ -268,8 +269,7 @@ class Prepared:
         m = self.manifest
         return (f"prepared corpus: {'reusing ' if self.reused else ''}{self.path} ({m['train_tokens']:,} training "
                 f"and {m['val_tokens']:,} validation tokens, vocabulary {m['vocab_size']:,}, {m['dtype']}; "
-                f"prepared in {m['seconds']:.1f} s with {m['workers']} process{'es' * (m['workers'] > 1)}"
-                + (", the BPE on the library's threads)" if m["tokenizer"].get("mode") == "bpe" else ")"))
+                f"prepared in {m['seconds']:.1f} s with {m['workers']} process{'es' * (m['workers'] > 1)})")
 
     @property
     def val_path(self) -> Path:
@@ -455,22 +455,39 @@ def _tokenise(task: tuple[int, int, int, int | None]) -> tuple[list[str], np.nda
     w = _WORKER
     text = _read_chunk(w["path"], start, end, w["encoding"], w["errors"])[a:b]
     tokenizer = w["tokenizer"]
-    if hasattr(tokenizer, "encode_many"):  # BPE: the library's ids, no token strings
+    if hasattr(tokenizer, "encode_many"):  # BPE: the library's ids, no token strings, every line kept
         table: _Table = _Ids(w["seed"])
         texts, line_ends = line_texts(text)
-        pieces: list = tokenizer.encode_many(texts)
+        flat, counts = tokenizer.encode_many(texts)
+        ends = np.concatenate([[0], np.cumsum(counts)])[line_ends]
+        ids = np.insert(flat, ends, np.int32(table.eos_id))  # what line_ids gives, without a loop per token
     else:
         table = _Table(w["seed"])
         pieces, line_ends = tokenize_lines(tokenizer, text)
-    ids = line_ids(table, pieces, line_ends, keep_empty=keeps_empty_lines(tokenizer))
+        ids = line_ids(table, pieces, line_ends, keep_empty=keeps_empty_lines(tokenizer))
     return table.new_tokens(), ids, np.bincount(ids, minlength=table.size), end - start
+
+
+@contextlib.contextmanager
+def _environment(**values: str) -> Iterator[None]:
+    """Set environment variables for the duration of the block, then restore them."""
+    before = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 @contextlib.contextmanager
 def _tokenised(tasks: list, workers: int, initargs: tuple) -> Iterator[tuple[Iterator, int]]:
     """(the results of :func:`_tokenise` over ``tasks`` in order, processes): a pool of ``workers`` processes, or this
-    process when one is enough (one core, a corpus of one chunk, or a tokenizer that runs its own threads)."""
-    if workers < 2 or len({task[:2] for task in tasks}) < 2 or hasattr(initargs[1], "encode_many"):
+    process when one is enough (one core, or a corpus of one chunk)."""
+    if workers < 2 or len({task[:2] for task in tasks}) < 2:
         _start_worker(*initargs)
         try:
             yield map(_tokenise, tasks), 1
@@ -481,7 +498,9 @@ def _tokenised(tasks: list, workers: int, initargs: tuple) -> Iterator[tuple[Ite
     # ProcessPoolExecutor, not Pool: a worker that dies (killed, out of memory) fails the run, it does not hang it.
     context = multiprocessing.get_context("fork")
     processes = min(workers, len(tasks))
-    with ProcessPoolExecutor(processes, context, _start_worker, initargs) as pool:
+    # The BPE library's threads (its trainer ran in this process) are not forked: say so, or it warns in each worker.
+    with _environment(TOKENIZERS_PARALLELISM="false"), ProcessPoolExecutor(
+            processes, context, _start_worker, initargs) as pool:
         try:
             yield pool.map(_tokenise, tasks), processes
         except BaseException:
@@ -514,9 +533,14 @@ def _make(data: str, scan: _Scan, config: dict, tokenizer: Any, settings: dict, 
     del chunk
 
     if tokenizer is None:
-        print(f"training a byte-level BPE of {config['vocab_size']:,} tokens on {data}", file=log)
+        sample = bpe_sample(train_tasks)
+        part = sum(e - s for s, e, _, _ in train_tasks)
+        what = ("the training part" if len(sample) == len(train_tasks) else
+                f"{sum(e - s for s, e, _, _ in sample) / 1e6:,.0f} MB of the {part / 1e6:,.0f} MB training part "
+                f"({len(sample)} of {len(train_tasks)} chunks, evenly spread)")
+        print(f"training a byte-level BPE of {config['vocab_size']:,} tokens on {what} of {data}", file=log)
         bpe_started = time.perf_counter()
-        tokenizer = BpeTokenizer.train(_training_lines(data, train_tasks, encoding, errors), config["vocab_size"],
+        tokenizer = BpeTokenizer.train(_training_lines(data, sample, encoding, errors), config["vocab_size"],
                                        config.get("lowercase", False), config.get("normalize", True))
         print(f"trained the BPE in {time.perf_counter() - bpe_started:.1f} s", file=log)
         tokenizer.save(work / "tokenizer.json")
@@ -558,16 +582,11 @@ def _make(data: str, scan: _Scan, config: dict, tokenizer: Any, settings: dict, 
         vocab = Vocabulary.from_counts(seen, min_count=min_count, max_size=max_vocab)
     final = np.array([vocab.token_to_id(token) for token in tokens], dtype=np.int64)
     dtype = np.uint16 if len(vocab) <= 1 << 16 else np.uint32
-    spilled = np.memmap(work / "spill.bin", dtype=np.int32, mode="r", shape=(sum(lengths),))
-    out = np.memmap(work / TOKENS, dtype=dtype, mode="w+", shape=(sum(lengths),)) if sum(lengths) else None
-    for begin in range(0, sum(lengths), MAP_IDS):
-        out[begin: begin + MAP_IDS] = final[spilled[begin: begin + MAP_IDS]]
-    if out is None:
-        (work / TOKENS).touch()
-    else:
-        out.flush()
-        del out
-    del spilled
+    # Plain reads and writes, not memory maps: the pages of a mapped 4 GB spill count as this process's
+    # resident memory (6.6 GB peak for 1 GB of text in char mode), those of a file read in blocks do not.
+    with open(work / "spill.bin", "rb") as spilled, open(work / TOKENS, "wb") as out:
+        while (block := np.fromfile(spilled, dtype=np.int32, count=MAP_IDS)).size:
+            out.write(final[block].astype(dtype).tobytes())
     (work / "spill.bin").unlink()
     vocab.save(work / "vocab.pkl")
     manifest = {
@@ -581,6 +600,18 @@ def _make(data: str, scan: _Scan, config: dict, tokenizer: Any, settings: dict, 
 
     atomic_write_json(work / MANIFEST, manifest)
     return manifest
+
+
+def bpe_sample(train_tasks: list) -> list:
+    """The chunks the BPE is trained on: all of them up to :data:`BPE_SAMPLE_BYTES`, else that many bytes of
+    chunks spread evenly over the training part (merges learnt from a sample of a big corpus are those of the
+    whole, and training on all of 1 GB would take longer than encoding it)."""
+    sizes = [end - start for start, end, _, _ in train_tasks]
+    if sum(sizes) <= BPE_SAMPLE_BYTES:
+        return train_tasks
+    count = max(1, round(len(train_tasks) * BPE_SAMPLE_BYTES / sum(sizes)))
+    picks = np.unique(np.linspace(0, len(train_tasks) - 1, count).round().astype(int))
+    return [train_tasks[i] for i in picks]
 
 
 def _training_lines(data: str, tasks: list, encoding: str, errors: str) -> Iterator[str]:

@@ -149,15 +149,31 @@ def test_bpe_file_problems_are_one_line(tmp_path: Path, bpe: BpeTokenizer) -> No
         BpeTokenizer.load(bad, {"vocab_size": 700})
 
 
-def test_bpe_prepared_ids_are_the_serial_ids(corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("sample_bytes", [10**9, 40_000])
+def test_bpe_prepared_ids_are_the_serial_ids(sample_bytes: int, corpus: Path, tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two processes encode the chunks; the BPE learns from every chunk, or from a spread sample of them."""
     monkeypatch.setattr(prepared, "CHUNK_BYTES", 16_000)
+    monkeypatch.setattr(prepared, "BPE_SAMPLE_BYTES", sample_bytes)
     config = {"mode": "bpe", "vocab_size": 500, "lowercase": False, "normalize": True}
-    ready = prepared.prepare(str(corpus), config, cache=tmp_path)
+    ready = prepared.prepare(str(corpus), config, cache=tmp_path, workers=2)
     assert (ready.path / "tokenizer.json").is_file() and len(ready.vocab) == 500
+    assert ready.manifest["workers"] == 2
     train_text, val_text = prepared.split_tail(data.read_text(corpus), 0.1)
     np.testing.assert_array_equal(ready.train, prepared.lm_ids(ready.tokenizer, ready.vocab, train_text))
     np.testing.assert_array_equal(ready.val, prepared.lm_ids(ready.tokenizer, ready.vocab, val_text))
     assert ready.vocab.tokens[4:] == ready.tokenizer.pieces()
+
+
+def test_bpe_sample_spreads_over_the_training_part(monkeypatch: pytest.MonkeyPatch) -> None:
+    tasks = [(i * 100, (i + 1) * 100, 0, None) for i in range(50)]
+    monkeypatch.setattr(prepared, "BPE_SAMPLE_BYTES", 5_000)
+    assert prepared.bpe_sample(tasks) == tasks
+    monkeypatch.setattr(prepared, "BPE_SAMPLE_BYTES", 1_000)
+    sample = prepared.bpe_sample(tasks)
+    assert len(sample) == 10 and sample[0] == tasks[0] and sample[-1] == tasks[-1]
+    gaps = np.diff([task[0] for task in sample])
+    assert gaps.min() >= 500 and gaps.max() <= 600
 
 
 def test_bpe_run_trains_predicts_and_evaluates(tmp_path: Path) -> None:

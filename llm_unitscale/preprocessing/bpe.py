@@ -18,9 +18,12 @@ per token (README, "Big corpora").
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Iterable, Iterator
 from typing import Any
+
+import numpy as np
 
 from llm_unitscale.preprocessing.tokenizer import TokenizerError, normalize_text
 from llm_unitscale.preprocessing.vocabulary import SPECIAL_TOKENS
@@ -42,7 +45,7 @@ class BpeTokenizer:
 
     Build one with :meth:`train` or :meth:`load`. ``tokenize`` gives the BPE pieces (strings such as
     ``"Ġthe"``), ``tokenize_many`` a list of texts at once (the library's threads), ``encode_many`` their
-vocabulary ids straight away, ``detokenize`` the text.
+    vocabulary ids straight away, ``detokenize`` the text.
     """
 
     mode = "bpe"
@@ -105,12 +108,18 @@ vocabulary ids straight away, ``detokenize`` the text.
         for start in range(0, len(texts), BATCH):
             yield from encode([self._prepared(t) for t in texts[start : start + BATCH]])
 
-    def encode_many(self, texts: list[str]) -> list[list[int]]:
-        """The vocabulary ids (BPE id + 4) of the pieces of each text, as one batch: what
-        ``vocab.encode(tokenize(t))`` gives, without making the token strings."""
-        offset = len(SPECIAL_TOKENS)
-        fast = getattr(self._model, "encode_batch_fast", self._model.encode_batch)  # ids without token strings
-        return [[i + offset for i in encoding.ids] for encoding in self._encodings(texts, fast)]
+    def encode_many(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(the vocabulary ids (BPE id + 4) of every text's pieces, concatenated, as ``int32``; the number of ids
+        of each text): what ``vocab.encode(tokenize(t))`` gives, without making the token strings.
+
+        One text at a time, in this thread: that is 1.5× faster per core than the library's threaded
+        ``encode_batch_fast`` (whose Python-side Encoding objects cost more than its threads win on two
+        cores), so corpus preparation runs one process per core instead (``prepared``)."""
+        encode, prepared = self._model.encode, self._prepared
+        pieces = [encode(prepared(text)).ids for text in texts]
+        counts = np.fromiter(map(len, pieces), dtype=np.int64, count=len(pieces))
+        ids = np.fromiter(itertools.chain.from_iterable(pieces), dtype=np.int32, count=int(counts.sum()))
+        return ids + np.int32(len(SPECIAL_TOKENS)), counts
 
     def detokenize(self, tokens: list[str]) -> str:
         """The text of BPE pieces (bytes that are not whole UTF-8 characters become U+FFFD)."""
