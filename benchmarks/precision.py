@@ -34,7 +34,7 @@ import keras
 import numpy as np
 from gensim.test.utils import datapath
 
-from llm_unitscale import precision, runs, training
+from llm_unitscale import files, precision, runs, training
 
 #: (label, unit_scaling, precision, loss_scaling) of every run, in table order.
 RUNS = [
@@ -234,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     print("no loss scaling unless stated; grad<fmt: share of all gradient values (∂ layer outputs, weight gradients)"
           " that flush to zero in that format, at the last step (float32 shadow pass)")
     print(table(rows))
-    runs.atomic_write_json(out / "precision.json", {"title": title, "steps": steps, "shape": shape, "rows": rows,
+    files.atomic_write_json(out / "precision.json", {"title": title, "steps": steps, "shape": shape, "rows": rows,
                                                     "seconds": round(time.perf_counter() - started, 1)})
     plot(rows, out / "precision_loss.png", title)
     print(f"wrote {out / 'precision.json'} and {out / 'precision_loss.png'} "

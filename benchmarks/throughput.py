@@ -67,7 +67,7 @@ import tensorflow as tf  # noqa: E402
 
 import llm_unitscale  # noqa: E402  (imports TensorFlow quietly)
 from llm_unitscale import data as data_mod  # noqa: E402
-from llm_unitscale import training  # noqa: E402
+from llm_unitscale import prepared, training  # noqa: E402
 from llm_unitscale.models import build_model  # noqa: E402
 
 SHAPES = {
@@ -277,7 +277,7 @@ def corpus_ids() -> tuple[np.ndarray, int]:
     text = DATA.read_text(encoding="utf-8")
     tokenizer = Tokenizer(mode="char")
     vocab = Vocabulary.build([t for t in (tokenizer.tokenize(line) for line in text.split("\n")) if t])
-    return training.lm_ids(tokenizer, vocab, text), len(vocab)
+    return prepared.lm_ids(tokenizer, vocab, text), len(vocab)
 
 
 # ------------------------------------------------------------------------------------------------ inference

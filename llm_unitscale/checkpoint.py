@@ -264,7 +264,7 @@ class ResumableCheckpoint(keras.callbacks.Callback):
             if fresh:
                 runs.atomic_save_model(self.model, self.folder / name)
             try:
-                runs.atomic_write_json(self.folder / STATE, {**asdict(self.state), "weights": name})
+                files.atomic_write_json(self.folder / STATE, {**asdict(self.state), "weights": name})
             except BaseException:
                 if fresh and name != self.state.best_weights:  # the previous state.json points at older weights
                     (self.folder / name).unlink(missing_ok=True)

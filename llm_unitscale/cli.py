@@ -1,4 +1,4 @@
-"""Command lines of train.py, predict.py and evaluate.py (DESIGN §1).
+"""Command lines of train.py, predict.py, evaluate.py and the export (DESIGN §1).
 
 Human-readable output by default, one JSON document on stdout with ``--json`` (logs and progress go to stderr).
 Exit status: 0 success, 2 bad usage or bad input (one line on stderr naming the file and the problem),
@@ -526,3 +526,35 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 def evaluate_main(argv: list[str] | None = None) -> int:
     return _guard(_evaluate, evaluate_parser().parse_args(argv))
+
+
+def export_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="llm-unitscale-export",
+        description="Export a trained run as a TensorFlow SavedModel (signature serving_default: "
+        "int32 token_ids (batch, time) -> float32 logits) for TF Serving or tf.saved_model.load.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n  python -m llm_unitscale.export runs/default            # -> runs/default/export\n"
+        "  llm-unitscale-export runs/default serving/llm/1      # a TF Serving version folder\n"
+        "  saved_model_cli show --dir runs/default/export --all",
+    )
+    p.add_argument("run", help="run folder (from train.py)")
+    p.add_argument("out", nargs="?", default=None, help="SavedModel folder (default RUN/export)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing export")
+    p.add_argument("--json", action="store_true", help="print one JSON document on stdout")
+    p.add_argument("--version", action="version", version=f"llm_unitscale {__version__}")
+    return p
+
+
+def _export(args: argparse.Namespace) -> int:
+    from llm_unitscale.serving import INPUT_NAME, OUTPUT_NAME, SIGNATURE, export_run
+
+    path = export_run(args.run, args.out, overwrite=args.overwrite)
+    document = {"export": str(path), "signature": SIGNATURE, "input": INPUT_NAME, "output": OUTPUT_NAME}
+    print(json.dumps(document) if args.json else f"exported {args.run} to {path} (signature {SIGNATURE}: "
+          f"int32 {INPUT_NAME} (batch, time) -> float32 {OUTPUT_NAME})", flush=True)
+    return 0
+
+
+def export_main(argv: list[str] | None = None) -> int:
+    return _guard(_export, export_parser().parse_args(argv))

@@ -20,20 +20,17 @@ override detection).
 
 Pipelines
 ---------
-TensorFlow is imported lazily (only by :func:`lm_dataset` and
+TensorFlow is imported lazily (only by the functions that build datasets, such as
 :func:`classify_dataset`) so that reading and validating a file, or ``--help``,
 stays fast.
 
-* :func:`lm_dataset` for training samples windows at uniformly random start
-  offsets *in-graph* (one ``tf.random.stateless_uniform`` draw and one
-  ``tf.gather`` per batch -- the fastest way measured here, ~35 M tokens/s).
-  The stream of per-batch seeds comes from ``tf.data.Dataset.random(seed,
-  rerandomize_each_iteration=True)``: every epoch sees different windows, yet
-  the whole sequence of epochs is reproducible for a given ``seed`` (and the
-  global TF seed, when one is set with ``tf.random.set_seed`` /
-  ``keras.utils.set_random_seed``).
-* For evaluation it uses the non-overlapping windows of :func:`lm_windows`, in
-  order, keeping the last partial batch.
+* :func:`lm_train_batches` samples a language model's training windows at
+  uniformly random start offsets, batch ``k`` a pure function of ``k`` and the
+  seed (``tf.random.stateless_uniform``), so a resumed run sees the batches an
+  uninterrupted one sees; the windows are copied out of the ids (a memory map
+  for a prepared corpus) by :func:`window_reader`.
+* :func:`lm_eval_batches` gives the non-overlapping windows of
+  :func:`lm_windows` for evaluation, in order, keeping the last partial batch.
 * :func:`classify_dataset` and :func:`classify_train_batches` pad each batch
   with ``pad_id`` (0: models build their mask as ``x != 0``) to the length of
   its own longest example, and truncate longer ones to their **first**
@@ -51,7 +48,7 @@ import os
 import re
 from collections import Counter
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -64,12 +61,12 @@ __all__ = [
     "DataError",
     "classify_batch_plan",
     "classify_dataset",
+    "classify_ids",
     "classify_steps_per_epoch",
     "classify_split",
     "corpus_hash",
     "detect_task",
     "label_counts",
-    "lm_dataset",
     "lm_eval_batches",
     "lm_steps_per_epoch",
     "lm_train_batches",
@@ -483,88 +480,6 @@ def lm_windows(ids: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
     return windows[:, :-1].copy(), windows[:, 1:].copy()
 
 
-def lm_dataset(
-    ids: np.ndarray,
-    seq_len: int,
-    batch_size: int,
-    shuffle: bool = True,
-    seed: int = 0,
-    random_offsets: bool = True,
-) -> tf.data.Dataset:
-    """A ``tf.data.Dataset`` of ``(x, y)`` int32 batches of shape ``(batch, seq_len)``.
-
-    Three modes:
-
-    * ``shuffle=True, random_offsets=True`` (training, default): each batch gathers
-      ``batch_size`` windows starting at uniformly random offsets, drawn in-graph.
-      One pass ("epoch") is ``len(ids) // seq_len`` windows, rounded down to whole
-      batches but at least one batch (so a short corpus still trains). Batches
-      have a static shape; each iteration (epoch) draws new offsets, and the
-      sequence of epochs is deterministic for ``seed`` (and the global TF seed).
-    * ``shuffle=True, random_offsets=False``: the non-overlapping windows of
-      :func:`lm_windows`, reshuffled each epoch (deterministically for ``seed``),
-      ``drop_remainder=True`` (static shapes) unless there are fewer windows than
-      ``batch_size``, in which case the one partial batch is kept.
-    * ``shuffle=False`` (evaluation; ``random_offsets`` is then ignored): the
-      non-overlapping windows in order, last partial batch kept, so every token
-      after the first is scored exactly once up to the final incomplete window.
-
-    The dataset is prefetched by :func:`prefetched` (no tf.data autotuner).
-
-    Raises:
-        ValueError: for ``seq_len < 1``, ``batch_size < 1``, or fewer than
-            ``seq_len + 1`` tokens.
-    """
-    import tensorflow as tf
-
-    array = _as_ids(ids)
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if seq_len < 1:
-        raise ValueError(f"seq_len must be >= 1, got {seq_len}")
-    n = len(array)
-    if n < seq_len + 1:
-        raise ValueError(
-            f"{n} tokens are too few for one window of seq_len {seq_len} (need {seq_len + 1})"
-        )
-    if array.size and (array.min() < 0 or array.max() > np.iinfo(np.int32).max):
-        raise ValueError("token ids must lie in [0, 2**31)")
-    if not shuffle:
-        return lm_eval_batches(array, seq_len, batch_size)
-    array = array.astype(np.int32, copy=False)
-
-    if shuffle and random_offsets:
-        steps = max(1, (n // seq_len) // batch_size)
-        tokens = tf.constant(array, dtype=tf.int32)
-        span = tf.range(seq_len + 1, dtype=tf.int64)
-        max_start = n - seq_len - 1  # inclusive
-
-        def make_batch(value: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-            batch_seed = tf.stack([value, tf.constant(seed, tf.int64)])
-            starts = tf.random.stateless_uniform(
-                [batch_size],
-                seed=batch_seed,
-                minval=0,
-                maxval=max_start + 1,
-                dtype=tf.int64,
-            )
-            windows = tf.gather(tokens, starts[:, None] + span[None, :])
-            return windows[:, :-1], windows[:, 1:]
-
-        dataset = tf.data.Dataset.random(
-            seed=seed, rerandomize_each_iteration=True
-        ).take(steps)
-        dataset = dataset.map(
-            make_batch, deterministic=True
-        )
-        return prefetched(dataset)
-
-    x, y = lm_windows(array, seq_len)
-    dataset = tf.data.Dataset.from_tensor_slices((x, y))
-    dataset = dataset.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
-    return prefetched(dataset.batch(batch_size, drop_remainder=len(x) >= batch_size))
-
-
 def lm_steps_per_epoch(num_tokens: int, seq_len: int, batch_size: int) -> int:
     """Training steps per epoch: ``num_tokens // seq_len`` windows in whole batches, at least one."""
     return max(1, (num_tokens // seq_len) // batch_size)
@@ -615,8 +530,7 @@ def lm_train_batches(
     """Training batches ``start_step … stop_step − 1`` of a language model, each a pure function of its step.
 
     Batch ``k`` holds ``batch_size`` windows of ``seq_len + 1`` tokens starting at offsets drawn by
-    ``tf.random.stateless_uniform(seed=[k, seed])`` — uniform over the corpus, like :func:`lm_dataset`'s
-    training mode — so a run resumed at step ``k`` sees exactly the batches an uninterrupted run sees.
+    ``tf.random.stateless_uniform(seed=[k, seed])`` — uniform over the corpus — so a run resumed at step ``k`` sees exactly the batches an uninterrupted run sees.
     Yields ``(x, y)`` int32 of shape ``(batch_size, seq_len)``, ``y`` shifted by one token. The windows are
     read from ``ids`` (a memory map for a prepared corpus) by :func:`window_reader`.
     """
@@ -639,9 +553,23 @@ def lm_train_batches(
 
 def lm_eval_batches(ids: np.ndarray, seq_len: int, batch_size: int) -> tf.data.Dataset:
     """The non-overlapping windows of :func:`lm_windows` in order, ``batch_size`` at a time (the last batch
-    partial), read from ``ids`` batch by batch (:func:`window_reader`): evaluation in bounded memory."""
+    partial), read from ``ids`` batch by batch (:func:`window_reader`): evaluation in bounded memory. Every
+    token after the first is scored exactly once, up to the final incomplete window.
+
+    Raises:
+        ValueError: for ``seq_len < 1``, ``batch_size < 1``, fewer than ``seq_len + 1`` tokens, or an id
+            outside ``[0, 2**31)``.
+    """
     import tensorflow as tf
 
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if seq_len < 1:
+        raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+    if len(ids) < seq_len + 1:
+        raise ValueError(f"{len(ids)} tokens are too few for one window of seq_len {seq_len} (need {seq_len + 1})")
+    if len(ids) and (ids.min() < 0 or ids.max() > np.iinfo(np.int32).max):
+        raise ValueError("token ids must lie in [0, 2**31)")
     windows = (len(ids) - 1) // seq_len
     read = window_reader(ids, seq_len)
 
@@ -750,6 +678,20 @@ def _check_examples(token_ids: list, label_ids: list[int], batch_size: int, max_
         raise ValueError(f"max_len must be >= 1, got {max_len}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+
+
+def classify_ids(tokenizer: Any, vocab: Any, texts: list[str], max_tokens: int, features: Any = None,
+                 token_lines: list[list[str]] | None = None) -> list[Any]:
+    """A classifier's input ids for each text: its first ``max_tokens`` tokens' vocabulary ids (``[<unk>]``
+    for a text with no token), or with ``features`` (a ``BagOfNgrams``) their bag of n-gram features (empty
+    for a text with no token: the model then falls back on its bias, the class prior). ``token_lines``:
+    the texts already tokenised."""
+    if token_lines is None:
+        token_lines = [tokenizer.tokenize(t) for t in texts]
+    token_lines = [tokens[:max_tokens] for tokens in token_lines]
+    if features is not None:
+        return features.encode(token_lines, vocab)
+    return [vocab.encode(tokens) or [vocab.unk_id] for tokens in token_lines]
 
 
 def classify_dataset(

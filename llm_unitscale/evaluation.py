@@ -11,8 +11,8 @@ import numpy as np
 from llm_unitscale import data as data_mod
 from llm_unitscale import runs
 from llm_unitscale.inference import softmax
+from llm_unitscale.prepared import lm_ids
 from llm_unitscale.runs import Run
-from llm_unitscale.training import lm_ids
 
 
 def lm_chunks(ids: np.ndarray, seq_len: int) -> list[np.ndarray]:

@@ -6,14 +6,16 @@ is read (a 1 GB ``vocab.pkl`` is refused in microseconds, not after reading it).
 (``/dev/stdin``, a pipe) pass: they are read like files.
 
 **Replacing.** An output path is created new, or it replaces an earlier output *of ours*, on purpose: a run
-folder (``runs.is_run_folder``), a SavedModel export (``export.is_export``), a PNG whose ``Software`` text
+folder (``runs.is_run_folder``), a SavedModel export (``serving.is_export``), a PNG whose ``Software`` text
 chunk starts with :data:`PNG_SOFTWARE` (every figure is saved with it: :func:`png_metadata`). Anything else —
 a user's text file, a folder of their own, a symbolic link — is refused with :class:`OutputError` (exit
 status 2) by :func:`check_replaceable`. :func:`replace_folder` swaps a finished folder in with one
 ``renameat2(RENAME_EXCHANGE)`` where the kernel and file system have it, so a reader sees the old folder or
 the new one, never neither and never a mix (elsewhere: two renames, with a moment of neither).
 
-**Writing.** A full disk (ENOSPC), the file-size limit (EFBIG, ``ulimit -f``: :func:`ignore_file_size_signal`
+**Writing.** Every file is written to a temporary name in its folder and renamed into place
+(:func:`atomic_write_bytes`, :func:`atomic_write_json`, :func:`atomic_copy`): a reader sees the old file or
+the new one, never half of one. A full disk (ENOSPC), the file-size limit (EFBIG, ``ulimit -f``: :func:`ignore_file_size_signal`
 makes the write fail with EFBIG instead of SIGXFSZ killing the process), a quota or a read-only file system are
 not bugs. :func:`writing` turns them — raised by Python (``OSError``) or by TensorFlow's C++ writers (an
 ``OpError`` whose message carries the system's error text) — into :class:`WriteError`:
@@ -25,14 +27,17 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import json
 import os
 import shutil
 import signal
 import stat
 import struct
+import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 #: Start of the ``Software`` text chunk of every PNG this package writes (see :func:`png_metadata`).
 PNG_SOFTWARE = "llm_unitscale"
@@ -249,3 +254,38 @@ def writing(what: str, where: str | os.PathLike | None = None) -> Iterator[None]
         if reason is None:
             raise
         raise WriteError(reason, what, where) from exc
+
+
+# ---------------------------------------------------------------------------------------------- atomic writes
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary file in the same folder and an atomic rename."""
+    _atomic_write(path, lambda handle: handle.write(data))
+
+
+def atomic_copy(source: str | os.PathLike, path: str | os.PathLike) -> None:
+    """Copy the file ``source`` to ``path`` via a temporary file in the same folder and an atomic rename."""
+    def copy(handle: Any) -> None:
+        with open(source, "rb") as original:
+            shutil.copyfileobj(original, handle, 16 * 1024 * 1024)
+
+    _atomic_write(path, copy)
+
+
+def _atomic_write(path: str | os.PathLike, write: Callable[[Any], Any]) -> None:
+    path = Path(path)
+    with writing(path.name, path):
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                write(handle)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Write ``obj`` as indented UTF-8 JSON to ``path`` atomically (:func:`atomic_write_bytes`)."""
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))

@@ -27,7 +27,7 @@ def encode_prompt(run: Run, text: str) -> tuple[list[int], list[str]]:
     if not text.strip() or not tokens:
         raise InputError(f"empty input sentence {text!r}: nothing to predict from")
     if run.task == "lm":  # line breaks become <eos>, as in training; the text ends mid-line unless it ends in one
-        from llm_unitscale.training import lm_ids
+        from llm_unitscale.prepared import lm_ids
 
         line_ids = [int(i) for i in lm_ids(run.tokenizer, run.vocab, text)]
         ids = [run.vocab.eos_id, *(line_ids if text.endswith("\n") else line_ids[:-1])]
@@ -148,8 +148,8 @@ def decode_lines(run: Run, ids: list[int]) -> str:
 def classifier_probabilities(run: Run, texts: list[str]) -> np.ndarray:
     """Class probabilities (n, C), in the order of ``run.labels``, of a classifier run for ``texts`` (one batch
     padded to its longest input; the bag model's n-gram features as in training)."""
+    from llm_unitscale.data import classify_ids
     from llm_unitscale.preprocessing.ngrams import BagOfNgrams
-    from llm_unitscale.training import classify_ids
 
     features = run.config.get("features")
     ids = classify_ids(run.tokenizer, run.vocab, texts, run.seq_len,

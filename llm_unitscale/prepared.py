@@ -596,7 +596,7 @@ def _make(data: str, scan: _Scan, config: dict, tokenizer: Any, settings: dict, 
         "val_tokens": lengths[1], "vocab_size": len(vocab), "seconds": round(time.perf_counter() - started, 3),
         "workers": processes,
     }
-    from llm_unitscale.runs import atomic_write_json
+    from llm_unitscale.files import atomic_write_json
 
     atomic_write_json(work / MANIFEST, manifest)
     return manifest

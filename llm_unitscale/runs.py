@@ -3,8 +3,9 @@
 A run is trained inside ``runs/.NAME.partial/`` (checkpoints and logs live there, so ``--resume`` can pick it
 up after a crash) and renamed to ``runs/NAME`` only when every artifact is written: a reader sees either the
 old run or the complete new one, never half of one (``run_writer.RunWriter`` claims, locks and publishes it).
-Single files are written to a temporary name in the same folder and renamed (``os.replace`` is atomic on
-POSIX); a write that fails for lack of space becomes a one-line ``files.WriteError`` naming the file.
+Single files are written to a temporary name in the same folder and renamed (``files.atomic_write_bytes``;
+``os.replace`` is atomic on POSIX); a write that fails for lack of space becomes a one-line
+``files.WriteError`` naming the file.
 
 Every run folder carries :data:`MARKER`, by which :func:`is_run_folder` tells our runs — which ``--overwrite``
 may replace — from anything else. ``config.json`` and ``vocab.pkl`` larger than :data:`MAX_CONFIG_BYTES` /
@@ -15,10 +16,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 import zipfile
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,39 +36,6 @@ MAX_CONFIG_BYTES = 16 * 1024 * 1024
 
 class RunError(ValueError):
     """A problem with a run folder or one of its files: ``"PATH: problem"``."""
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file in the same folder and an atomic rename."""
-    _atomic_write(path, lambda handle: handle.write(data))
-
-
-def atomic_copy(source: str | os.PathLike, path: str | os.PathLike) -> None:
-    """Copy the file ``source`` to ``path`` via a temporary file in the same folder and an atomic rename."""
-    def copy(handle: Any) -> None:
-        with open(source, "rb") as original:
-            shutil.copyfileobj(original, handle, 16 * 1024 * 1024)
-
-    _atomic_write(path, copy)
-
-
-def _atomic_write(path: str | os.PathLike, write: Callable[[Any], Any]) -> None:
-    path = Path(path)
-    with files.writing(path.name, path):
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                write(handle)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-
-
-def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
 
 
 def atomic_save_model(model: Any, path: str | os.PathLike) -> None:
@@ -118,7 +83,7 @@ def write_marker(folder: Path) -> None:
     """Mark ``folder`` as a run of ours (:func:`is_run_folder`)."""
     from llm_unitscale import __version__
 
-    atomic_write_bytes(folder / MARKER, f"a run folder of llm_unitscale {__version__}; train.py --overwrite may "
+    files.atomic_write_bytes(folder / MARKER, f"a run folder of llm_unitscale {__version__}; train.py --overwrite may "
                        "replace it\n".encode())
 
 

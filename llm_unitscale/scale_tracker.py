@@ -37,7 +37,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from llm_unitscale import precision, runs
+from llm_unitscale import files, precision, runs
 from llm_unitscale.analysis import LayerProbe
 
 SCALES_JSON, SCALES_PNG = "scales.json", "scales.png"
@@ -154,7 +154,7 @@ class ScaleTracker(keras.callbacks.Callback):
         self.records = [r for r in self.records if r["step"] != step] + [entry]
         self._write_tensorboard(entry)
         if self.out_dir is not None:
-            runs.atomic_write_json(self.out_dir / SCALES_JSON, self.document())
+            files.atomic_write_json(self.out_dir / SCALES_JSON, self.document())
         return entry
 
     def document(self) -> dict:

@@ -24,16 +24,9 @@ from typing import Any, TextIO
 import keras
 import numpy as np
 
-from llm_unitscale import checkpoint, runs
+from llm_unitscale import checkpoint, files, runs
 from llm_unitscale import data as data_mod
 from llm_unitscale import precision as precision_mod
-from llm_unitscale.prepared import (  # noqa: F401  (the text → ids helpers, re-exported for their users)
-    keeps_empty_lines,
-    line_ids,
-    lm_ids,
-    split_tail,
-    tokenize_lines,
-)
 from llm_unitscale.step_log import StepLog
 
 #: Default peak learning rate: unit-scaled vs stock Keras baseline (from the sweep; see the module docstring).
@@ -249,20 +242,6 @@ class Corpus:
         return id_lines(self.train, self.vocab)
 
 
-def classify_ids(tokenizer: Any, vocab: Any, texts: list[str], max_tokens: int, features: Any = None,
-                 token_lines: list[list[str]] | None = None) -> list[Any]:
-    """A classifier's input ids for each text: its first ``max_tokens`` tokens' vocabulary ids (``[<unk>]``
-    for a text with no token), or with ``features`` (a ``BagOfNgrams``) their bag of n-gram features (empty
-    for a text with no token: the model then falls back on its bias, the class prior). ``token_lines``:
-    the texts already tokenised."""
-    if token_lines is None:
-        token_lines = [tokenizer.tokenize(t) for t in texts]
-    token_lines = [tokens[:max_tokens] for tokens in token_lines]
-    if features is not None:
-        return features.encode(token_lines, vocab)
-    return [vocab.encode(tokens) or [vocab.unk_id] for tokens in token_lines]
-
-
 def bag_features(cfg: TrainConfig, vocab: Any) -> Any:
     """The bag-of-n-grams recipe of a run (``preprocessing.ngrams.BagOfNgrams``), or None for other archs."""
     if cfg.arch != "bag":
@@ -343,8 +322,8 @@ def prepare_corpus(cfg: TrainConfig, text: str) -> Corpus:
     vocab = Vocabulary.build([t for t in token_lines if t], min_count=cfg.min_count, max_size=cfg.max_vocab)
     index = {name: i for i, name in enumerate(names)}
     features = bag_features(cfg, vocab)
-    train_ids = classify_ids(tokenizer, vocab, train_texts, cfg.seq_len, features, token_lines)
-    val_ids = classify_ids(tokenizer, vocab, val_texts, cfg.seq_len, features)
+    train_ids = data_mod.classify_ids(tokenizer, vocab, train_texts, cfg.seq_len, features, token_lines)
+    val_ids = data_mod.classify_ids(tokenizer, vocab, val_texts, cfg.seq_len, features)
     val_text = "".join(f"__label__{label} {t}\n" for label, t in zip(val_labels, val_texts, strict=True))
     return Corpus(
         task, tokenizer, vocab, names, (train_ids, [index[label] for label in train_labels]),
@@ -367,7 +346,7 @@ def datasets(cfg: TrainConfig, corpus: Corpus) -> tuple[Callable[[int, int], Any
         def train(start: int, stop: int) -> Any:
             return data_mod.lm_train_batches(corpus.train, cfg.seq_len, batch, cfg.seed, start, stop)
 
-        val = data_mod.lm_dataset(corpus.val, cfg.seq_len, validation_batch(batch, cfg.seq_len), shuffle=False)
+        val = data_mod.lm_eval_batches(corpus.val, cfg.seq_len, validation_batch(batch, cfg.seq_len))
         return train, val, data_mod.lm_steps_per_epoch(len(corpus.train), cfg.seq_len, batch)
 
     longest = corpus.features.max_features if corpus.features is not None else cfg.seq_len
@@ -621,7 +600,7 @@ def _train_into(cfg: TrainConfig, writer: Any, log: TextIO) -> dict:
         corpus = prepare_lm(cfg, log)
     else:  # not a regular file (a pipe): prepared from a copy, removed once the ids are made
         source = work / ".input.txt"
-        runs.atomic_write_bytes(source, text.encode("utf-8"))
+        files.atomic_write_bytes(source, text.encode("utf-8"))
         try:
             corpus = prepare_lm(dataclasses.replace(cfg, data=str(source), encoding="utf-8"), log)
         finally:
@@ -675,10 +654,10 @@ def _train_into(cfg: TrainConfig, writer: Any, log: TextIO) -> dict:
     if corpus.tokenizer.mode == "bpe":
         corpus.tokenizer.save(work / runs.TOKENIZER)
     if isinstance(corpus.val_text, Path):
-        runs.atomic_copy(corpus.val_text, work / runs.VALIDATION)
+        files.atomic_copy(corpus.val_text, work / runs.VALIDATION)
     else:
-        runs.atomic_write_bytes(work / runs.VALIDATION, corpus.val_text.encode("utf-8"))
-    runs.atomic_write_json(work / runs.CONFIG, config)
+        files.atomic_write_bytes(work / runs.VALIDATION, corpus.val_text.encode("utf-8"))
+    files.atomic_write_json(work / runs.CONFIG, config)
 
     throughput = Throughput(tokens_per_step(cfg, corpus))
     checkpoints.mkdir(exist_ok=True)
@@ -730,8 +709,8 @@ def _train_into(cfg: TrainConfig, writer: Any, log: TextIO) -> dict:
     if corpus.task == "classify" and cfg.calibrate:
         metrics.update(calibrate(model, val_ds))
     runs.atomic_save_model(model, work / runs.MODEL)
-    runs.atomic_write_json(work / runs.HISTORY, history)
-    runs.atomic_write_json(work / runs.METRICS, metrics)
+    files.atomic_write_json(work / runs.HISTORY, history)
+    files.atomic_write_json(work / runs.METRICS, metrics)
     plot_history(history, work / runs.PLOT, steps_per_epoch)
     writer.publish()
     return {

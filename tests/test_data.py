@@ -214,68 +214,22 @@ def test_lm_windows_shapes_and_shift() -> None:
         data.lm_windows(np.arange(5), 5)
 
 
-# --------------------------------------------------------------------------- lm_dataset
+# --------------------------------------------------------------------------- lm_eval_batches
 
 
 def _epoch(dataset) -> np.ndarray:
     return np.concatenate([x.numpy() for x, _ in dataset])
 
 
-def test_lm_dataset_training_batches() -> None:
-    import tensorflow as tf
-
-    ids = np.arange(1000)
-    dataset = data.lm_dataset(ids, seq_len=16, batch_size=8, seed=3)
-    x_spec, y_spec = dataset.element_spec
-    assert x_spec.shape == (8, 16) and y_spec.shape == (8, 16)
-    assert x_spec.dtype == tf.int32 and y_spec.dtype == tf.int32
-    batches = list(dataset)
-    assert len(batches) == (1000 // 16) // 8
-    for x, y in batches:
-        x, y = x.numpy(), y.numpy()
-        np.testing.assert_array_equal(y, x + 1)  # y is x shifted by one
-        np.testing.assert_array_equal(np.diff(x, axis=1), 1)  # contiguous windows
-        assert x.min() >= 0 and y.max() <= 999
-
-
-def test_lm_dataset_deterministic() -> None:
-    ids = np.arange(5000)
-    first = data.lm_dataset(ids, 32, 4, seed=7)
-    second = data.lm_dataset(ids, 32, 4, seed=7)
-    epochs_a = [_epoch(first) for _ in range(2)]
-    epochs_b = [_epoch(second) for _ in range(2)]
-    for a, b in zip(epochs_a, epochs_b, strict=True):
-        np.testing.assert_array_equal(a, b)
-    assert not np.array_equal(epochs_a[0], epochs_a[1])  # new offsets each epoch
-    other = _epoch(data.lm_dataset(ids, 32, 4, seed=8))
-    assert not np.array_equal(epochs_a[0], other)
-
-
-def test_lm_dataset_small_corpus_still_one_batch() -> None:
-    batches = list(data.lm_dataset(np.arange(50), seq_len=10, batch_size=32))
-    assert len(batches) == 1 and batches[0][0].shape == (32, 10)
-
-
-def test_lm_dataset_evaluation_windows() -> None:
+def test_lm_eval_batches_are_the_windows_in_order() -> None:
     ids = np.arange(101)
-    dataset = data.lm_dataset(ids, 10, 4, shuffle=False, random_offsets=False)
+    dataset = data.lm_eval_batches(ids, 10, 4)
     assert dataset.element_spec[0].shape.as_list() == [None, 10]
     shapes = [x.shape[0] for x, _ in dataset]
     assert shapes == [4, 4, 2]
     x_all = _epoch(dataset)
     x_ref, _ = data.lm_windows(ids, 10)
     np.testing.assert_array_equal(x_all, x_ref)
-
-
-def test_lm_dataset_shuffled_windows() -> None:
-    ids = np.arange(161)
-    dataset = data.lm_dataset(ids, 10, 4, shuffle=True, random_offsets=False, seed=1)
-    assert dataset.element_spec[0].shape == (4, 10)
-    x_all = _epoch(dataset)
-    assert sorted(x_all[:, 0].tolist()) == list(range(0, 160, 10))
-    np.testing.assert_array_equal(
-        x_all, _epoch(data.lm_dataset(ids, 10, 4, True, 1, False))
-    )
 
 
 # --------------------------------------------------------------------------- classification

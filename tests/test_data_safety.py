@@ -249,14 +249,14 @@ def test_no_space_left_anywhere_keeps_the_last_checkpoint(site: str, tmp_path: P
     data.write_text(TEXT, encoding="utf-8")
     full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     if site == "vocab.pkl":
-        mkstemp = runs.tempfile.mkstemp
+        mkstemp = files.tempfile.mkstemp
 
         def no_space_for_the_vocabulary(*args: object, **kwargs: str) -> tuple[int, str]:
             if kwargs.get("prefix", "").startswith(".vocab.pkl."):
                 raise full
             return mkstemp(*args, **kwargs)
 
-        monkeypatch.setattr(runs.tempfile, "mkstemp", no_space_for_the_vocabulary)
+        monkeypatch.setattr(files.tempfile, "mkstemp", no_space_for_the_vocabulary)
     elif site == "model.keras":
         original = keras.Model.save
 
@@ -540,7 +540,7 @@ def test_reading_tokenising_and_word2vec_show_progress(tmp_path: Path, monkeypat
     data = tmp_path / "big.txt"
     data.write_text("the quick brown fox jumps over the lazy dog " * 20000, encoding="utf-8")  # one 880 KB line
     text = read_text(data)
-    pieces, _ = training.tokenize_lines(Tokenizer(), text, f"tokenising {data}")
+    pieces, _ = prepared.tokenize_lines(Tokenizer(), text, f"tokenising {data}")
     train_word2vec([p for p in pieces if p], vector_size=8, epochs=1)
     err = capsys.readouterr().err
     assert f"reading {data}: 880,000 of 880,000 bytes (100%), " in err and " bytes/s, done in " in err

@@ -26,8 +26,8 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_export_reloads_and_matches_keras_logits(tiny_run: Path, tmp_path: Path) -> None:
     import tensorflow as tf
 
-    from llm_unitscale.export import INPUT_NAME, OUTPUT_NAME, SIGNATURE, export_run
     from llm_unitscale.runs import load_run
+    from llm_unitscale.serving import INPUT_NAME, OUTPUT_NAME, SIGNATURE, export_run
 
     path = export_run(tiny_run, tmp_path / "serving" / "1")
     assert (path / "saved_model.pb").exists()

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from llm_unitscale import inference, runs, training
+from llm_unitscale import inference, prepared, runs, training
 from llm_unitscale.preprocessing import Tokenizer, Vocabulary
 
 POEM = "roses are red\nviolets are blue\n\n"
@@ -20,12 +20,12 @@ def _char_vocab(text: str) -> tuple[Tokenizer, Vocabulary]:
 
 def test_char_mode_keeps_every_line_break_word_mode_skips_empty_lines() -> None:
     tokenizer, vocab = _char_vocab(POEM)
-    ids = training.lm_ids(tokenizer, vocab, "ab\n\ncd\n")
+    ids = prepared.lm_ids(tokenizer, vocab, "ab\n\ncd\n")
     eos = vocab.eos_id
     assert list(ids) == [*vocab.encode(["a", "b"]), eos, eos, *vocab.encode(["c", "d"]), eos]
     words = Tokenizer(mode="word")
     word_vocab = Vocabulary.build([["ab", "cd"]])
-    assert list(training.lm_ids(words, word_vocab, "ab\n\ncd\n")) == [
+    assert list(prepared.lm_ids(words, word_vocab, "ab\n\ncd\n")) == [
         word_vocab.encode(["ab"])[0], eos, word_vocab.encode(["cd"])[0], eos]
 
 

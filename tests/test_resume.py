@@ -20,7 +20,7 @@ import pytest
 from gensim.test.utils import datapath
 from helpers import ROOT, TINY, ok_json, script, scripts_in_parallel
 
-from llm_unitscale import checkpoint, runs, training
+from llm_unitscale import checkpoint, files, runs, training
 
 #: 2 epochs of 25 steps; a checkpoint every 5 steps.
 OPTIONS = ["--max-steps", "50", "--checkpoint-every", "5", "--json", *TINY]
@@ -139,14 +139,14 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(corpus: Path, tmp_pat
 
 def test_a_failed_save_leaves_the_previous_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     target = tmp_path / "metrics.json"
-    runs.atomic_write_json(target, {"old": 1})
+    files.atomic_write_json(target, {"old": 1})
 
     def crash(fd: int) -> None:
         raise OSError("disk full")
 
     monkeypatch.setattr(os, "fsync", crash)
     with pytest.raises(OSError):
-        runs.atomic_write_json(target, {"new": 2})
+        files.atomic_write_json(target, {"new": 2})
     assert json.loads(target.read_text()) == {"old": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]  # no half-written temporary left
 

@@ -55,7 +55,7 @@ def test_pipelines_run_without_the_autotuner() -> None:
     """Every dataset the trainer reads comes through data.prefetched: tf.data's autotuner is off (its model
     thread made the end of fit wait up to a minute), and it still prefetches."""
     ids = np.arange(1, 400, dtype=np.int32)
-    for dataset in (data.lm_train_batches(ids, 8, 4, 0, 0, 5), data.lm_dataset(ids, 8, 4, shuffle=False)):
+    for dataset in (data.lm_train_batches(ids, 8, 4, 0, 0, 5), data.lm_eval_batches(ids, 8, 4)):
         assert dataset.options().autotune.enabled is False
         assert len(list(dataset)) > 0
     assert isinstance(data.prefetched(tf.data.Dataset.range(3)), tf.data.Dataset)

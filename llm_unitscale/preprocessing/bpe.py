@@ -141,7 +141,7 @@ class BpeTokenizer:
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the model's JSON to ``path`` atomically."""
-        from llm_unitscale.runs import atomic_write_bytes
+        from llm_unitscale.files import atomic_write_bytes
 
         atomic_write_bytes(path, self.to_json().encode("utf-8"))
 

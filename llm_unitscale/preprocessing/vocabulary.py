@@ -276,7 +276,7 @@ class Vocabulary:
         The data goes to a temporary file in the same folder, which then replaces ``path`` in one
         ``os.replace``: readers see the old file or the new one, never a partial one.
         """
-        from llm_unitscale.runs import atomic_write_bytes
+        from llm_unitscale.files import atomic_write_bytes
 
         atomic_write_bytes(path, pickle.dumps(self.to_dict(), protocol=pickle.HIGHEST_PROTOCOL))
 
