@@ -798,8 +798,8 @@ def test_float16_conv1d_weight_gradient_of_many_rows_does_not_overflow_and_match
         y = ops.conv1d(x, kernel, padding="valid")
     grad = tape.gradient(y, kernel, output_gradients=tf.fill(tf.shape(y), tf.constant(8.0, tf.float16)))
     rows = n - 2
-    # Σ_rows 8·8 × N^-½ (the float16 filter gradient accumulates in float16 on CPU: 1–2 % off)
-    np.testing.assert_allclose(grad.numpy().astype(np.float64), 64.0 * math.sqrt(rows), rtol=3e-2)
+    # Σ_rows 8·8 × N^-½, summed in float32 (TensorFlow's float16 CPU kernel sums in float16: 1–9 % off)
+    np.testing.assert_allclose(grad.numpy().astype(np.float64), 64.0 * math.sqrt(rows), rtol=2e-3)
     rng = np.random.default_rng(0)
     x32, k32 = rng.standard_normal((2, 16, 4)).astype(np.float32), rng.standard_normal((3, 4, 5)).astype(np.float32)
     g32 = rng.standard_normal((2, 16, 5)).astype(np.float32)
