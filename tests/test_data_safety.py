@@ -28,6 +28,7 @@ import pytest
 from helpers import ROOT, TINY
 
 from llm_unitscale import cli, files, prepared, run_writer, runs, training
+from llm_unitscale import corpus as corpus_mod
 from llm_unitscale.data import read_text
 from llm_unitscale.preprocessing import Tokenizer
 from llm_unitscale.preprocessing.tokenizer import normalize_text
@@ -446,7 +447,7 @@ def test_a_file_of_emoji_is_text(tmp_path: Path) -> None:
     data = tmp_path / "emoji.txt"
     text = "😀 🎉 ❤️ 😂 👍🏽\n🎉🎉 😀 🇫🇷\n" * 60
     data.write_text(text, encoding="utf-8")
-    corpus = training.prepare_lm(tiny_config(data, tmp_path / "r").with_task_defaults("lm"))
+    corpus = corpus_mod.prepare_lm(tiny_config(data, tmp_path / "r").with_task_defaults("lm"))
     assert corpus.task == "lm" and {"😀", "🎉", "❤️", "👍🏽", "🇫🇷"} <= set(corpus.vocab)
     assert len(corpus.train) > 17 * 8  # enough windows for --seq-len 16
 
