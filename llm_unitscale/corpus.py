@@ -36,7 +36,7 @@ class Corpus:
     val_text: str | Path  # the held-out text, or the file that holds it (a prepared corpus)
     token_lines: list[list[str]] | None  # classify: training tokens per text (for Word2Vec); lm: None
     features: Any = None  # classify with arch "bag": the preprocessing.ngrams.BagOfNgrams recipe
-    data_sha256: str | None = None  # lm: the text's hash from the prepared corpus
+    data_sha256: str | None = None  # the text's hash (``data.corpus_hash``; lm: from the prepared corpus)
 
     def word2vec_lines(self) -> tuple[list[list[str]], int, int]:
         """(sentences, epochs, all sentences) for Word2Vec: ``embeddings.word2vec_plan``'s bounded sample of the
@@ -137,4 +137,5 @@ def prepare_classifier(cfg: TrainConfig, text: str) -> Corpus:
     return Corpus(
         task, tokenizer, vocab, names, (train_ids, [index[label] for label in train_labels]),
         (val_ids, [index[label] for label in val_labels]), val_text, token_lines, features,
+        data_sha256=data_mod.corpus_hash(text),
     )

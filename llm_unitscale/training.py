@@ -463,13 +463,31 @@ def train(cfg: TrainConfig, log: TextIO = sys.stderr) -> dict:
 
 def _train_into(cfg: TrainConfig, writer: Any, log: TextIO) -> dict:
     """:func:`train` inside its claimed partial folder ``writer.work``; publishes it when complete."""
+    started = time.perf_counter()
+    cfg, corpus = _seeded_corpus(cfg, writer.work, log)
+    plan = _plan(cfg, corpus)
+    model, lr, extra = _build(cfg, corpus, plan, writer.work, log)
+    config = _run_config(cfg, corpus, model, lr, plan, extra)
+    state = _write_inputs(cfg, corpus, config, writer.work)
+    saver, stopping, throughput = _fit(cfg, corpus, model, plan, state, config, writer.work, log)
+    metrics = _results(cfg, corpus, model, plan, saver, stopping, writer.work)
+    writer.publish()
+    return {
+        "run": str(writer.out),
+        "task": corpus.task,
+        "params": config["params"],
+        "steps": saver.state.step,
+        "max_steps": plan.total_steps,
+        "tokens_per_second": round(throughput.tokens_per_second, 1),
+        "seconds": round(time.perf_counter() - started, 2),
+        **{k: v for k, v in metrics.items() if k != "task"},
+    }
+
+
+def _seeded_corpus(cfg: TrainConfig, work: Path, log: TextIO) -> tuple[TrainConfig, Corpus]:
+    """Step 1: the task (given or detected) and its defaults, the seeds, and the tokenised corpus."""
     import tensorflow as tf
 
-    import llm_unitscale
-    from llm_unitscale.models import build_model
-
-    started = time.perf_counter()
-    out, work = writer.out, writer.work
     task, text = read_for_task(cfg)
     keras.utils.set_random_seed(cfg.seed)
     if cfg.deterministic:  # CPU kernels already are; on GPU this picks deterministic (slower) ones
@@ -490,11 +508,34 @@ def _train_into(cfg: TrainConfig, writer: Any, log: TextIO) -> dict:
             source.unlink(missing_ok=True)
     print(f"task: {corpus.task} ({'auto-detected' if given_task == 'auto' else 'given'}), "
           f"vocabulary {len(corpus.vocab)}" + (f", labels {corpus.labels}" if corpus.labels else ""), file=log)
+    return cfg, corpus
+
+
+@dataclass
+class _Plan:
+    """The batches and the schedule of a run: what :func:`_plan` decides before the model exists."""
+
+    train_batches: Callable[[int, int], Any]
+    val_ds: Any
+    epochs: int
+    steps_per_epoch: int
+    total_steps: int
+    periods: Any
+
+
+def _plan(cfg: TrainConfig, corpus: Corpus) -> _Plan:
+    """Step 2: the datasets, the epochs and the validation periods."""
     train_batches, val_ds, steps_per_epoch = datasets(cfg, corpus)
     epochs, steps_per_epoch = epoch_plan(steps_per_epoch, cfg.epochs, cfg.max_steps)
     total_steps = epochs * steps_per_epoch
     periods = checkpoint.evaluation_periods(total_steps, steps_per_epoch, cfg.eval_every)
-    typical = typical_count(corpus)
+    return _Plan(train_batches, val_ds, epochs, steps_per_epoch, total_steps, periods)
+
+
+def _build(cfg: TrainConfig, corpus: Corpus, plan: _Plan, work: Path, log: TextIO) -> tuple[Any, float, dict]:
+    """Step 3: (the compiled model, its peak learning rate, what the embedding initialisation adds to the
+    config), built under the precision and the distribution strategy."""
+    from llm_unitscale.models import build_model
 
     precision_mod.apply(cfg.precision)  # Keras global dtype policy + the fp8 switch
     with distribution_scope(cfg):
@@ -503,14 +544,22 @@ def _train_into(cfg: TrainConfig, writer: Any, log: TextIO) -> dict:
             vocab_size=corpus.features.num_features if corpus.features else len(corpus.vocab),
             seq_len=cfg.seq_len, width=cfg.width, depth=cfg.depth, heads=cfg.heads,
             num_classes=len(corpus.labels) if corpus.labels else None, unit_scaling=cfg.unit_scaling,
-            dropout=cfg.dropout, tau=cfg.tau, constraint=cfg.constraint, typical_count=typical,
+            dropout=cfg.dropout, tau=cfg.tau, constraint=cfg.constraint, typical_count=typical_count(corpus),
         )
         extra = init_embeddings(cfg, corpus, model, work, log)
         lr = cfg.learning_rate()
-        compile_model(cfg, model, make_optimizer(cfg, lr, total_steps))
-        build_training_variables(model, val_ds.element_spec)
+        compile_model(cfg, model, make_optimizer(cfg, lr, plan.total_steps))
+        build_training_variables(model, plan.val_ds.element_spec)
+    return model, lr, extra
 
-    config = {
+
+def _run_config(cfg: TrainConfig, corpus: Corpus, model: Any, lr: float, plan: _Plan, extra: dict) -> dict:
+    """Step 4: ``config.json``: the options, the data's hash, the model's size and the versions."""
+    import tensorflow as tf
+
+    import llm_unitscale
+
+    return {
         **dataclasses.asdict(cfg),
         "task": corpus.task,
         "learning_rate": lr,
@@ -519,18 +568,20 @@ def _train_into(cfg: TrainConfig, writer: Any, log: TextIO) -> dict:
         "labels": corpus.labels,
         "vocab_size": len(corpus.vocab),
         "features": corpus.features.get_config() if corpus.features else None,
-        "typical_count": typical,
+        "typical_count": typical_count(corpus),
         "params": int(model.count_params()),
-        "data_sha256": corpus.data_sha256 or data_mod.corpus_hash(text),
-        "steps": total_steps,
+        "data_sha256": corpus.data_sha256,
+        "steps": plan.total_steps,
         "versions": {
             "llm_unitscale": llm_unitscale.__version__, "tensorflow": tf.__version__, "keras": keras.__version__,
             "python": platform.python_version(),
         },
         **extra,
     }
-    checkpoints = work / "checkpoints"
-    state = checkpoint.load_state(checkpoints) if cfg.resume else None
+def _write_inputs(cfg: TrainConfig, corpus: Corpus, config: dict, work: Path) -> checkpoint.TrainingState | None:
+    """Step 5: the state to resume from (``--resume``; its run must be this one) and the run's inputs:
+    vocabulary, tokenizer, validation text, config."""
+    state = checkpoint.load_state(work / "checkpoints") if cfg.resume else None
     if state is not None:
         check_same_run(work / runs.CONFIG, config)
     corpus.vocab.save(work / runs.VOCAB)
@@ -541,29 +592,36 @@ def _train_into(cfg: TrainConfig, writer: Any, log: TextIO) -> dict:
     else:
         files.atomic_write_bytes(work / runs.VALIDATION, corpus.val_text.encode("utf-8"))
     files.atomic_write_json(work / runs.CONFIG, config)
+    return state
 
+
+def _fit(cfg: TrainConfig, corpus: Corpus, model: Any, plan: _Plan, state: checkpoint.TrainingState | None,
+         config: dict, work: Path, log: TextIO) -> tuple[Any, Any, Throughput]:
+    """Step 6: ``model.fit`` from the checkpoint (or step 0) in segments between validations, with the
+    checkpoint, early-stopping and logging callbacks; a NaN loss or an interruption raises here."""
+    checkpoints = work / "checkpoints"
     throughput = Throughput(tokens_per_step(cfg, corpus))
     checkpoints.mkdir(exist_ok=True)
     state = state or checkpoint.TrainingState()
     checkpoint.restore(model, checkpoints, state)
-    saver = checkpoint.ResumableCheckpoint(checkpoints, periods, cfg.checkpoint_every, state,
+    saver = checkpoint.ResumableCheckpoint(checkpoints, plan.periods, cfg.checkpoint_every, state,
                                            cfg.checkpoint_seconds)
     stopping = checkpoint.ValidationStopping(saver, cfg.patience)
-    step_log = StepLog(total_steps, throughput.tokens_per_step, log, every=cfg.log_every, log_dir=work / "logs",
-                       first_step=state.step)
-    callbacks = [stopping, saver, *make_callbacks(cfg, work, throughput, val_ds), step_log]
+    step_log = StepLog(plan.total_steps, throughput.tokens_per_step, log, every=cfg.log_every,
+                       log_dir=work / "logs", first_step=state.step)
+    callbacks = [stopping, saver, *make_callbacks(cfg, work, throughput, plan.val_ds), step_log]
     every = f", validating every {cfg.eval_every} steps and each epoch" if cfg.eval_every else ""
-    print(f"training {config['params']:,} parameters for at most {total_steps} steps "
-          f"({epochs} epochs × {steps_per_epoch}{every}), lr {lr:g}, {cfg.precision}"
+    print(f"training {config['params']:,} parameters for at most {plan.total_steps} steps "
+          f"({plan.epochs} epochs × {plan.steps_per_epoch}{every}), lr {config['learning_rate']:g}, {cfg.precision}"
           + (f", patience {cfg.patience}" if cfg.patience else "")
           + (f"; resuming at step {state.step}" if state.step else ""), file=log)
     done = state.step
     with contextlib.redirect_stdout(log), checkpoint.stop_on_sigint(saver):  # progress bars → stderr
-        for initial_epoch, end_epoch, steps in checkpoint.segments(state, periods):
+        for initial_epoch, end_epoch, steps in checkpoint.segments(state, plan.periods):
             stop = done + steps * (end_epoch - initial_epoch)
             model.fit(
-                train_batches(done, stop), validation_data=val_ds, initial_epoch=initial_epoch, epochs=end_epoch,
-                steps_per_epoch=steps, callbacks=callbacks, verbose=2,  # step lines come from StepLog
+                plan.train_batches(done, stop), validation_data=plan.val_ds, initial_epoch=initial_epoch,
+                epochs=end_epoch, steps_per_epoch=steps, callbacks=callbacks, verbose=2,  # step lines: StepLog
                 shuffle=False,  # batches are already drawn per step (data.lm_train_batches); Keras would warn
             )
             done = saver.state.step
@@ -574,12 +632,19 @@ def _train_into(cfg: TrainConfig, writer: Any, log: TextIO) -> dict:
                 else "no checkpoint was saved before it")
         raise FloatingPointError(f"training diverged: the loss became NaN/inf at step {saver.nan_step}; {last}; "
                                  "try a smaller --lr")
-    if saver.interrupted and saver.state.step < total_steps and not saver.state.stopped_early:
-        raise checkpoint.TrainingInterrupted(f"interrupted at step {saver.state.step} of {total_steps}; "
+    if saver.interrupted and saver.state.step < plan.total_steps and not saver.state.stopped_early:
+        raise checkpoint.TrainingInterrupted(f"interrupted at step {saver.state.step} of {plan.total_steps}; "
                                              f"checkpoint saved in {checkpoints}")
+    return saver, stopping, throughput
+
+
+def _results(cfg: TrainConfig, corpus: Corpus, model: Any, plan: _Plan, saver: Any, stopping: Any,
+             work: Path) -> dict:
+    """Step 7: the best weights restored (and calibrated), the model, history, metrics and plot written;
+    returns the metrics."""
     history = saver.state.history
     stopping.restore_best()
-    outcome = stop_outcome(saver.state, total_steps, steps_per_epoch, cfg.patience)
+    outcome = stop_outcome(saver.state, plan.total_steps, plan.steps_per_epoch, cfg.patience)
     best = outcome["best_index"]
     metrics = {
         "task": corpus.task,
@@ -590,22 +655,12 @@ def _train_into(cfg: TrainConfig, writer: Any, log: TextIO) -> dict:
         **{k: v for k, v in outcome.items() if k != "best_index"},
     }
     if corpus.task == "classify" and cfg.calibrate:
-        metrics.update(calibrate(model, val_ds))
+        metrics.update(calibrate(model, plan.val_ds))
     runs.atomic_save_model(model, work / runs.MODEL)
     files.atomic_write_json(work / runs.HISTORY, history)
     files.atomic_write_json(work / runs.METRICS, metrics)
-    plot_history(history, work / runs.PLOT, steps_per_epoch)
-    writer.publish()
-    return {
-        "run": str(out),
-        "task": corpus.task,
-        "params": config["params"],
-        "steps": saver.state.step,
-        "max_steps": total_steps,
-        "tokens_per_second": round(throughput.tokens_per_second, 1),
-        "seconds": round(time.perf_counter() - started, 2),
-        **{k: v for k, v in metrics.items() if k != "task"},
-    }
+    plot_history(history, work / runs.PLOT, plan.steps_per_epoch)
+    return metrics
 
 
 def typical_count(corpus: Corpus) -> float:
