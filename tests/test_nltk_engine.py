@@ -47,6 +47,15 @@ def test_every_disagreeing_character_goes_to_nltk() -> None:
             assert FAST.tokenize(text) == NLTK.tokenize(text), repr(text)
 
 
+def test_the_guard_asks_per_character_what_the_whole_table_says() -> None:
+    """``needs_nltk`` classifies characters as it meets them; it agrees with the table of all of Unicode."""
+    chars = set(disagreeing_characters())
+    others = [chr(c) for c in range(0, 0x110000, 37) if not 0xD800 <= c <= 0xDFFF and chr(c) not in chars]
+    assert len(others) > 25_000
+    assert not any(needs_nltk(f"ab {ch} cd") for ch in others)
+    assert all(needs_nltk(f"ab {ch} cd") for ch in sorted(chars)[::3])
+
+
 def test_the_engines_differ_where_the_guard_sends_text_to_nltk() -> None:
     """The guard is needed: on a combining mark before an apostrophe the ``re`` rules alone split differently."""
     text = "x\u0301'abc"

@@ -9,14 +9,14 @@ is ``NLTKWordTokenizer`` with the very same patterns (read from NLTK's class, ne
 The two engines agree on every construct these rules use except the meaning of ``\\w``, ``\\s``, ``\\d`` and
 case-insensitive letters on some characters (the engines carry different Unicode tables: combining marks,
 superscript digits, the ASCII separators U+001C–U+001F, dotted/dotless i, characters one table has not
-assigned yet). :func:`disagreeing_characters` lists those characters by asking both engines; a text that holds
-one of them is tokenised by NLTK itself. So the tokens are NLTK's for every text, byte for byte
+assigned yet). :func:`needs_nltk` asks both engines about each character of a text (once per distinct
+character and process; :func:`disagreeing_characters` lists them all); a text that holds one on which they
+disagree is tokenised by NLTK itself. So the tokens are NLTK's for every text, byte for byte
 (tests/test_tokenizer.py checks both paths on the shared corpora and on every disagreeing character).
 """
 
 from __future__ import annotations
 
-import functools
 import re
 import sys
 from typing import Any
@@ -42,36 +42,55 @@ def _rules(rules: list[tuple[Any, str]]) -> list[tuple[re.Pattern, str]]:
     return [(_stdlib(pattern), substitution) for pattern, substitution in rules]
 
 
-@functools.cache
-def disagreeing_characters() -> str:
-    """Every character that ``re`` and the engine NLTK uses (``regex``) classify differently in
-    :data:`_CLASSES`, as one string (empty when NLTK uses ``re`` itself). About 0.3 s, once per process."""
-    rule = NLTKWordTokenizer.PUNCTUATION[0][0]
-    if isinstance(rule, re.Pattern):
-        return ""
+def _engines() -> tuple[list[re.Pattern], list[Any]]:
+    """:data:`_CLASSES` compiled by ``re`` and by the engine NLTK uses (empty when NLTK uses ``re`` itself)."""
+    if isinstance(NLTKWordTokenizer.PUNCTUATION[0][0], re.Pattern):
+        return [], []
     import regex
 
-    everything = "".join(chr(c) for c in range(sys.maxunicode + 1) if not 0xD800 <= c <= 0xDFFF)
-    differ: set[str] = set()
-    for pattern in _CLASSES:
-        ours = set(re.findall(pattern, everything))
-        theirs = set(regex.findall(pattern, everything))
-        differ |= ours ^ theirs
-    return "".join(sorted(differ))
+    return [re.compile(p) for p in _CLASSES], [regex.compile(p) for p in _CLASSES]
 
 
-@functools.cache
-def _disagreeing_sets() -> tuple[frozenset[str], frozenset[str]]:
-    """(the disagreeing ASCII characters, all of them) as sets: ``isdisjoint`` over a line is faster than a
-    regular expression of the thousands of ranges."""
-    chars = frozenset(disagreeing_characters())
-    return frozenset(ch for ch in chars if ch.isascii()), chars
+_ENGINES = _engines()
+#: The characters met so far, and those of them that the two engines classify differently.
+_SEEN: set[str] = set()
+_DISAGREE: set[str] = set()
+
+
+def _classify(chars: set[str]) -> None:
+    """Ask both engines about each of ``chars`` (characters not met before)."""
+    ours, theirs = _ENGINES
+    for ch in chars:
+        if any((a.fullmatch(ch) is None) != (b.fullmatch(ch) is None) for a, b in zip(ours, theirs, strict=True)):
+            _DISAGREE.add(ch)
+    _SEEN.update(chars)
+
+
+_classify({chr(c) for c in range(128)})
+_ASCII_DISAGREE = frozenset(_DISAGREE)
 
 
 def needs_nltk(text: str) -> bool:
-    """Whether ``text`` holds a character on which the two engines disagree."""
-    ascii_chars, chars = _disagreeing_sets()
-    return not (ascii_chars if text.isascii() else chars).isdisjoint(text)
+    """Whether ``text`` holds a character on which the two engines disagree (each distinct character is
+    asked of both engines once per process, when first met: no table of all Unicode at start-up)."""
+    if text.isascii():
+        return not _ASCII_DISAGREE.isdisjoint(text)
+    chars = set(text)
+    if not chars <= _SEEN:
+        _classify(chars - _SEEN)
+    return not _DISAGREE.isdisjoint(chars)
+
+
+def disagreeing_characters() -> str:
+    """Every character that ``re`` and the engine NLTK uses (``regex``) classify differently in
+    :data:`_CLASSES`, as one string: the whole table :func:`needs_nltk` consults one character at a time
+    (about 0.3 s; for tests and for reading, not used while tokenising)."""
+    ours, theirs = _ENGINES
+    everything = "".join(chr(c) for c in range(sys.maxunicode + 1) if not 0xD800 <= c <= 0xDFFF)
+    differ: set[str] = set()
+    for a, b in zip(ours, theirs, strict=True):
+        differ |= set(a.findall(everything)) ^ set(b.findall(everything))
+    return "".join(sorted(differ))
 
 
 class FastWordTokenizer(NLTKWordTokenizer):
