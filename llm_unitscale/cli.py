@@ -200,6 +200,9 @@ def train_parser() -> argparse.ArgumentParser:
                    "default word2vec, none for bag")
     p.add_argument("--min-count", type=int, default=1)
     p.add_argument("--max-vocab", type=int, default=20000)
+    p.add_argument("--val-fraction", type=float, default=0.1, metavar="F",
+                   help="held out for validation: a language model's last F of the characters, a classifier's "
+                   "stratified F of the lines (default 0.1; a corpus of gigabytes can spare far less)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-jit", dest="jit_compile", action="store_false", default=None,
                    help="disable XLA compilation (a classifier never uses it: its batches vary in length)")

@@ -51,7 +51,8 @@ SEQUENCE_CLASSIFIER_DEFAULTS = dict(tokenizer="word", seq_len=64, width=128, emb
                                     batch_size=32)
 #: What must match between an interrupted run and its --resume (other options, e.g. --lr, may change).
 RESUME_KEYS = ("data_sha256", "task", "arch", "vocab_size", "width", "depth", "heads", "seq_len", "batch_size",
-               "epochs", "max_steps", "unit_scaling", "seed", "tokenizer", "eval_every", "patience", "features")
+               "epochs", "max_steps", "unit_scaling", "seed", "tokenizer", "eval_every", "patience", "features",
+               "val_fraction")
 #: --precision → the model's Keras dtype policy (mixed policies, simulated fp8, keras-float8: see precision.py).
 PRECISIONS = precision_mod.POLICIES
 

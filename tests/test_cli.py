@@ -113,3 +113,15 @@ def test_malicious_vocab_is_refused_without_running(tmp_path: Path, repetitive_r
     assert result.returncode == 2, result.stderr
     assert "vocab.pkl" in result.stderr and result.stderr.strip().count("\n") == 0
     assert not marker.exists()
+
+
+def test_val_fraction_option_reaches_the_run_and_is_checked() -> None:
+    """``--val-fraction`` sets the held-out share (a corpus of gigabytes needs far less than 10 %)."""
+    from llm_unitscale.cli import train_parser
+    from llm_unitscale.training import ConfigError, TrainConfig
+
+    args = train_parser().parse_args(["corpus.txt", "--val-fraction", "0.02"])
+    options = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__}
+    assert options["val_fraction"] == 0.02 and train_parser().parse_args(["corpus.txt"]).val_fraction == 0.1
+    with pytest.raises(ConfigError, match=r"--val-fraction must be in \(0, 0.5\), got 0.7"):
+        TrainConfig(val_fraction=0.7).validate()
