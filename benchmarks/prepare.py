@@ -5,13 +5,14 @@
     python benchmarks/prepare.py --big --json    # also 1 GB; one JSON document on stdout
     python benchmarks/prepare.py --sizes --big --texts warpeace.txt   # 1 GB of English only
 
-Each corpus is ``warpeace.txt`` and ``sanguo.txt`` (English and Chinese, from ``--shared``; ``--texts`` chooses
-others) repeated in turn until it reaches the size, cut at a line break. Each measurement runs ``prepared.prepare`` in a fresh process
-with an empty cache (as ``train.py`` does before its first step) and reports its wall seconds, MB/s, the peak
-resident memory of that process and of its largest tokenising worker, the size of ``tokens.bin``, characters
-per token, and then the wall seconds of a second fresh process that finds the corpus in the cache (the start
-of a second ``train.py`` on the same data: importing the package, TensorFlow included, and the cache hit; the
-model's build aside). Peak memory includes importing the package (TensorFlow, Keras), as in ``train.py``.
+Each corpus is ``warpeace.txt`` and ``sanguo.txt`` (English and Chinese, from ``--shared``; ``--texts``
+chooses others) repeated in turn until it reaches the size, cut at a line break. Each measurement runs
+``prepared.prepare`` in a fresh process with an empty cache (as ``train.py`` does before its first step) and
+reports its wall seconds, MB/s, the peak resident memory of that process and of its largest tokenising worker,
+the size of ``tokens.bin``, characters per token, and then the wall seconds of a second fresh process that
+finds the corpus in the cache (the start of a second ``train.py`` on the same data: importing the package,
+TensorFlow included, and the cache hit; the model's build aside). Peak memory includes importing the package
+(TensorFlow, Keras), as in ``train.py``.
 """
 
 from __future__ import annotations

@@ -530,7 +530,8 @@ def lm_train_batches(
     """Training batches ``start_step … stop_step − 1`` of a language model, each a pure function of its step.
 
     Batch ``k`` holds ``batch_size`` windows of ``seq_len + 1`` tokens starting at offsets drawn by
-    ``tf.random.stateless_uniform(seed=[k, seed])`` — uniform over the corpus — so a run resumed at step ``k`` sees exactly the batches an uninterrupted run sees.
+    ``tf.random.stateless_uniform(seed=[k, seed])`` — uniform over the corpus — so a run resumed at step ``k``
+    sees exactly the batches an uninterrupted run sees.
     Yields ``(x, y)`` int32 of shape ``(batch_size, seq_len)``, ``y`` shifted by one token. The windows are
     read from ``ids`` (a memory map for a prepared corpus) by :func:`window_reader`.
     """
@@ -562,13 +563,14 @@ def lm_eval_batches(ids: np.ndarray, seq_len: int, batch_size: int) -> tf.data.D
     """
     import tensorflow as tf
 
+    ids = _as_ids(ids)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if seq_len < 1:
         raise ValueError(f"seq_len must be >= 1, got {seq_len}")
     if len(ids) < seq_len + 1:
         raise ValueError(f"{len(ids)} tokens are too few for one window of seq_len {seq_len} (need {seq_len + 1})")
-    if len(ids) and (ids.min() < 0 or ids.max() > np.iinfo(np.int32).max):
+    if ids.min() < 0 or ids.max() > np.iinfo(np.int32).max:
         raise ValueError("token ids must lie in [0, 2**31)")
     windows = (len(ids) - 1) // seq_len
     read = window_reader(ids, seq_len)

@@ -15,11 +15,12 @@ the new one, never neither and never a mix (elsewhere: two renames, with a momen
 
 **Writing.** Every file is written to a temporary name in its folder and renamed into place
 (:func:`atomic_write_bytes`, :func:`atomic_write_json`, :func:`atomic_copy`): a reader sees the old file or
-the new one, never half of one. A full disk (ENOSPC), the file-size limit (EFBIG, ``ulimit -f``: :func:`ignore_file_size_signal`
-makes the write fail with EFBIG instead of SIGXFSZ killing the process), a quota or a read-only file system are
-not bugs. :func:`writing` turns them — raised by Python (``OSError``) or by TensorFlow's C++ writers (an
-``OpError`` whose message carries the system's error text) — into :class:`WriteError`:
-``"runs/x: no space left on device while writing the checkpoint at step 10"`` (exit status 1).
+the new one, never half of one. A full disk (ENOSPC), the file-size limit (EFBIG, ``ulimit -f``:
+:func:`ignore_file_size_signal` makes the write fail with EFBIG instead of SIGXFSZ killing the process), a
+quota or a read-only file system are not bugs. :func:`writing` turns them — raised by Python (``OSError``) or
+by TensorFlow's C++ writers (an ``OpError`` whose message carries the system's error text) — into
+:class:`WriteError`: ``"runs/x: no space left on device while writing the checkpoint at step 10"`` (exit
+status 1).
 """
 
 from __future__ import annotations

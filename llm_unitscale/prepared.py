@@ -25,8 +25,8 @@ How (:func:`prepare`), in passes over the file that each hold one chunk at a tim
    then the validation split, the file's last ``--val-fraction`` of characters cut at a line break exactly as
    :func:`split_tail` cuts the whole text (:func:`cut_index` needs only the chunk holding the cut point).
 3. *tokenise*: chunks are tokenised by one process per core (``multiprocessing``), each into ids of its own
-   growing table, which this process maps to one table for the corpus and spills to disk; the training part's counts are merged as chunks come back. Then
-   the vocabulary (the serial ``Vocabulary.build`` rule: count, then token) and one pass that maps the spill
+   growing table, which this process maps to one table for the corpus and spills to disk; the training part's
+   counts are merged as chunks come back. Then the vocabulary (the serial ``Vocabulary.build`` rule: count, then token) and one pass that maps the spill
    to ``tokens.bin``. The ids are exactly the serial path's, :func:`lm_ids` over :func:`split_tail`'s two
    parts (tests/test_prepared.py).
 
@@ -50,6 +50,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
+from unittest import mock
 
 import numpy as np
 
@@ -57,8 +58,8 @@ from llm_unitscale import data as data_mod
 from llm_unitscale import files
 from llm_unitscale.progress import Progress
 
-__all__ = ["BPE_SAMPLE_BYTES", "CACHE_ENV", "CHUNK_BYTES", "Prepared", "bpe_sample", "cache_dir", "cache_key", "cut_index", "id_lines",
-           "keeps_empty_lines", "line_ids", "line_texts", "lm_ids", "prepare", "split_tail", "tokenize_lines"]
+__all__ = ["BPE_SAMPLE_BYTES", "CACHE_ENV", "CHUNK_BYTES", "Prepared", "bpe_sample", "cache_dir", "cache_key",
+           "cut_index", "id_lines", "keeps_empty_lines", "line_ids", "line_texts", "lm_ids", "prepare", "split_tail", "tokenize_lines"]
 
 #: Environment variable naming the cache folder (``--cache`` wins over it).
 CACHE_ENV = "LLM_UNITSCALE_CACHE"
@@ -206,13 +207,6 @@ class _Table:
 
     def new_tokens(self) -> list[str]:
         return list(self.index)[self.seeded:]
-
-
-class _Ids(_Table):
-    """The table of a tokenizer that gives ids itself (BPE's ``encode_many``)."""
-
-    def encode(self, tokens: list[int]) -> list[int]:
-        return tokens
 
 
 # ------------------------------------------------------------------------------------------------- the cache
@@ -455,32 +449,16 @@ def _tokenise(task: tuple[int, int, int, int | None]) -> tuple[list[str], np.nda
     w = _WORKER
     text = _read_chunk(w["path"], start, end, w["encoding"], w["errors"])[a:b]
     tokenizer = w["tokenizer"]
+    table = _Table(w["seed"])  # BPE's seed is the whole vocabulary: its table never grows
     if hasattr(tokenizer, "encode_many"):  # BPE: the library's ids, no token strings, every line kept
-        table: _Table = _Ids(w["seed"])
         texts, line_ends = line_texts(text)
         flat, counts = tokenizer.encode_many(texts)
         ends = np.concatenate([[0], np.cumsum(counts)])[line_ends]
         ids = np.insert(flat, ends, np.int32(table.eos_id))  # what line_ids gives, without a loop per token
     else:
-        table = _Table(w["seed"])
         pieces, line_ends = tokenize_lines(tokenizer, text)
         ids = line_ids(table, pieces, line_ends, keep_empty=keeps_empty_lines(tokenizer))
     return table.new_tokens(), ids, np.bincount(ids, minlength=table.size), end - start
-
-
-@contextlib.contextmanager
-def _environment(**values: str) -> Iterator[None]:
-    """Set environment variables for the duration of the block, then restore them."""
-    before = {name: os.environ.get(name) for name in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for name, value in before.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
 
 
 @contextlib.contextmanager
@@ -499,7 +477,7 @@ def _tokenised(tasks: list, workers: int, initargs: tuple) -> Iterator[tuple[Ite
     context = multiprocessing.get_context("fork")
     processes = min(workers, len(tasks))
     # The BPE library's threads (its trainer ran in this process) are not forked: say so, or it warns in each worker.
-    with _environment(TOKENIZERS_PARALLELISM="false"), ProcessPoolExecutor(
+    with mock.patch.dict(os.environ, TOKENIZERS_PARALLELISM="false"), ProcessPoolExecutor(
             processes, context, _start_worker, initargs) as pool:
         try:
             yield pool.map(_tokenise, tasks), processes

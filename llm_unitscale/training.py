@@ -522,15 +522,16 @@ class _Plan:
     steps_per_epoch: int
     total_steps: int
     periods: Any
+    typical_count: float  # n̄ of the bag model's mean (:func:`typical_count`)
 
 
 def _plan(cfg: TrainConfig, corpus: Corpus) -> _Plan:
-    """Step 2: the datasets, the epochs and the validation periods."""
+    """Step 2: the datasets, the epochs, the validation periods and the bag model's typical count."""
     train_batches, val_ds, steps_per_epoch = datasets(cfg, corpus)
     epochs, steps_per_epoch = epoch_plan(steps_per_epoch, cfg.epochs, cfg.max_steps)
     total_steps = epochs * steps_per_epoch
     periods = checkpoint.evaluation_periods(total_steps, steps_per_epoch, cfg.eval_every)
-    return _Plan(train_batches, val_ds, epochs, steps_per_epoch, total_steps, periods)
+    return _Plan(train_batches, val_ds, epochs, steps_per_epoch, total_steps, periods, typical_count(corpus))
 
 
 def _build(cfg: TrainConfig, corpus: Corpus, plan: _Plan, work: Path, log: TextIO) -> tuple[Any, float, dict]:
@@ -545,7 +546,7 @@ def _build(cfg: TrainConfig, corpus: Corpus, plan: _Plan, work: Path, log: TextI
             vocab_size=corpus.features.num_features if corpus.features else len(corpus.vocab),
             seq_len=cfg.seq_len, width=cfg.width, depth=cfg.depth, heads=cfg.heads,
             num_classes=len(corpus.labels) if corpus.labels else None, unit_scaling=cfg.unit_scaling,
-            dropout=cfg.dropout, tau=cfg.tau, constraint=cfg.constraint, typical_count=typical_count(corpus),
+            dropout=cfg.dropout, tau=cfg.tau, constraint=cfg.constraint, typical_count=plan.typical_count,
         )
         extra = init_embeddings(cfg, corpus, model, work, log)
         lr = cfg.learning_rate()
@@ -569,7 +570,7 @@ def _run_config(cfg: TrainConfig, corpus: Corpus, model: Any, lr: float, plan: _
         "labels": corpus.labels,
         "vocab_size": len(corpus.vocab),
         "features": corpus.features.get_config() if corpus.features else None,
-        "typical_count": typical_count(corpus),
+        "typical_count": plan.typical_count,
         "params": int(model.count_params()),
         "data_sha256": corpus.data_sha256,
         "steps": plan.total_steps,

@@ -12,7 +12,7 @@ superscript digits, the ASCII separators U+001C–U+001F, dotted/dotless i, char
 assigned yet). :func:`needs_nltk` asks both engines about each character of a text (once per distinct
 character and process; :func:`disagreeing_characters` lists them all); a text that holds one on which they
 disagree is tokenised by NLTK itself. So the tokens are NLTK's for every text, byte for byte
-(tests/test_tokenizer.py checks both paths on the shared corpora and on every disagreeing character).
+(tests/test_nltk_engine.py checks it on real English text, on random text and on the disagreeing characters).
 """
 
 from __future__ import annotations
