@@ -27,9 +27,9 @@ switched off (``jit_compile=False``, logged): XLA cannot reach the other devices
   grows as √B). Use it to keep each device's memory fixed as machines are added.
 
 **Unit-scaled loss and gradients under replicas.** Keras divides each replica's loss by R and sums the
-replicas' gradients — but not for a loss that returns an already-reduced scalar, as ``UnitSoftmaxCrossEntropy``
-does; :func:`patch_keras_scalar_loss` makes Keras treat it like every other loss (÷R), so the logged loss is
-the global-batch mean. The unit-scaled ops then scale weight gradients by N^-½ with N the replica's own rows,
+replicas' gradients; ``UnitSoftmaxCrossEntropy`` returns one value per target and lets Keras reduce them, like
+every Keras loss, so the logged loss is the global-batch mean. The unit-scaled ops then scale weight gradients
+by N^-½ with N the replica's own rows,
 so the summed gradient is R^-½ times the one-device gradient of the same global batch;
 ``optimizers.UnitAdamW`` multiplies by √R (see there), so the optimizer sees exactly the global-batch
 gradient (N = global rows; tested per variable in tests/test_distribute.py).
@@ -118,7 +118,6 @@ def get_strategy(name: str = "auto") -> Any:
         return _STRATEGY
     if concrete == "none":
         return tf.distribute.get_strategy()
-    patch_keras_scalar_loss()
     if concrete == "mirrored":
         devices = [d.name for d in tf.config.list_logical_devices("GPU")] or [
             d.name for d in tf.config.list_logical_devices("CPU")
@@ -167,55 +166,6 @@ def strategy_scope(cfg: Any, log: TextIO | None = None) -> Iterator[Any]:
               "(jit_compile=False), it cannot reach the other devices' variables", file=log or sys.stderr)
     with strategy.scope():
         yield strategy
-
-
-# ------------------------------------------------------------------------- Keras 3 scalar-loss replica patch
-_SCALAR_PATCHED = False
-
-
-def keras_scalar_loss_bug_present() -> bool:
-    """Whether Keras still leaves a loss that returns a scalar unscaled under tf.distribute.
-
-    ``keras.src.losses.loss.reduce_values`` returns a 0-d ``values`` as it is, skipping the
-    ``scale_loss_for_distribution`` (÷R) it applies to per-sample losses, while the trainer multiplies every
-    loss by R for its loss tracker. ``UnitSoftmaxCrossEntropy`` returns the mean itself (its custom gradient
-    is defined on the mean), so with R replicas its logged loss was R× too large (measured: 13.07 for 6.53 on
-    2 CPUs) and its gradients R× too large before the optimizer's correction.
-    """
-    import inspect
-
-    from keras.src.losses import loss
-
-    source = inspect.getsource(loss.reduce_values)
-    return "tuple(values.shape) == ()" in source and source.index("tuple(values.shape) == ()") < source.index(
-        "scale_loss_for_distribution"
-    )
-
-
-def patch_keras_scalar_loss() -> bool:
-    """Divide an already-reduced (0-d) mean loss by the replica count, as Keras does for per-sample losses.
-
-    Narrow: only 0-d values with a mean-type reduction change, and only under more than one replica
-    (``scale_loss_for_distribution`` is the identity for R = 1). Returns whether the patch is installed.
-    """
-    global _SCALAR_PATCHED
-    if _SCALAR_PATCHED:
-        return True
-    if not keras_scalar_loss_bug_present():
-        return False
-    from keras.src.losses import loss
-
-    original = loss.reduce_values
-
-    def reduce_values(values: Any, sample_weight: Any = None, reduction: str = "sum_over_batch_size") -> Any:
-        out = original(values, sample_weight, reduction)
-        if reduction in ("sum_over_batch_size", "mean", "mean_with_sample_weight") and tuple(values.shape) == ():
-            out = loss.scale_loss_for_distribution(out)
-        return out
-
-    loss.reduce_values = reduce_values
-    _SCALAR_PATCHED = True
-    return True
 
 
 # ------------------------------------------------------------------------------- Keras 3 multi-worker patch

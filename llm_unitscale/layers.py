@@ -570,9 +570,12 @@ class UnitDropout(keras.layers.Layer):
 class UnitSoftmaxCrossEntropy(keras.losses.Loss):
     """Sparse softmax cross-entropy from logits with a unit-scaled gradient (:func:`ops.softmax_cross_entropy`).
 
-    The value is the ordinary mean cross-entropy (nats per target), so it compares directly with
-    ``keras.losses.SparseCategoricalCrossentropy(from_logits=True)``. ``ignore_class`` (as in that loss)
-    marks targets that neither contribute nor count.
+    ``call`` returns one value per target and Keras reduces them, as for its own losses, so ``sample_weight``,
+    the reductions and tf.distribute's ÷R work unchanged. The value is the ordinary mean cross-entropy (nats
+    per target), so it compares directly with ``keras.losses.SparseCategoricalCrossentropy(from_logits=True)``,
+    with or without ``ignore_class`` (targets that neither contribute nor count) and sample weights. The
+    backward pass assumes the values are averaged (the default "sum_over_batch_size"): each target's logits then
+    get V/√(V−1)·(softmax − onehot) times its sample weight.
     """
 
     def __init__(self, ignore_class: int | None = None, name: str = "unit_softmax_cross_entropy", **kwargs: Any):
@@ -585,4 +588,4 @@ class UnitSoftmaxCrossEntropy(keras.losses.Loss):
         return ops.softmax_cross_entropy(y_pred, y_true, mask)
 
     def get_config(self) -> dict:
-        return {"name": self.name, "ignore_class": self.ignore_class}
+        return {**super().get_config(), "ignore_class": self.ignore_class}

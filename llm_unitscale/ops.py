@@ -410,13 +410,18 @@ def softmax(x: tf.Tensor, axis: int = -1) -> tf.Tensor:
 
 # ------------------------------------------------------------------------------------------------------ loss
 def softmax_cross_entropy(logits: tf.Tensor, targets: tf.Tensor, mask: tf.Tensor | None = None) -> tf.Tensor:
-    """Mean cross-entropy over unmasked positions, with a unit-scaled gradient.
+    """Per-target cross-entropy whose mean is the mean over unmasked targets, with a unit-scaled gradient.
 
-    forward  L = Σ_i m_i·CE(x_i, t_i) / Σ_i m_i            (masked positions neither contribute nor count)
-    backward ∂x_i = m_i·V/√(V−1)·(softmax(x_i) − onehot(t_i))·g       (no 1/N)
+    forward  ℓ_i = m_i·(N/n)·CE(x_i, t_i)          (N targets, n = Σ m_i of them counted; masked ℓ_i = 0)
+    backward ∂x_i = m_i·N·g_i·V/√(V−1)·(softmax(x_i) − onehot(t_i))      (g_i = ∂L/∂ℓ_i)
 
-    At init (softmax ≈ uniform) softmax − onehot has RMS √(V−1)/V per logit, so ∂x is unit-RMS. The loss is
-    computed in float32 whatever the logits' dtype.
+    The values are meant to be averaged, as Keras's "sum_over_batch_size" reduction does: mean_i ℓ_i =
+    Σ m·CE / n, the mean over counted targets (the N/n weight is Keras's own for a masked loss,
+    ``keras.src.losses.loss.apply_mask``), and then g_i = 1/N, so ∂x_i = m_i·V/√(V−1)·(softmax − onehot): at
+    init (softmax ≈ uniform) softmax − onehot has RMS √(V−1)/V per logit, so ∂x is unit-RMS per target. A
+    sample weight w_i (g_i = w_i/N) multiplies its target's gradient by w_i; R replicas (g_i = 1/(N·R)) give
+    each replica 1/R of it, as for any Keras loss. Against the true gradient of mean ℓ the backward is
+    n·V/√(V−1) times larger. The loss is computed in float32 whatever the logits' dtype.
     """
     vocab = int(logits.shape[-1])
     targets = tf.cast(targets, tf.int32)
@@ -432,16 +437,16 @@ def softmax_cross_entropy(logits: tf.Tensor, targets: tf.Tensor, mask: tf.Tensor
         ce, delta = tf.raw_ops.SparseSoftmaxCrossEntropyWithLogits(
             features=tf.reshape(x32, [-1, vocab]), labels=tf.reshape(safe_targets, [-1])
         )
-        ce = tf.reshape(ce, tf.shape(safe_targets))
-        count = tf.maximum(tf.reduce_sum(m), 1.0)
-        loss = tf.reduce_sum(ce * m) / count
+        total = tf.cast(tf.size(m), tf.float32)
+        weight = m * (total / tf.maximum(tf.reduce_sum(m), 1.0))
+        values = tf.reshape(ce, tf.shape(safe_targets)) * weight
 
         def grad(g: tf.Tensor) -> tf.Tensor:
-            scale = 1.0 / count if exact else vocab / math.sqrt(max(vocab - 1, 1))
-            dx = delta * tf.reshape(m * scale * tf.cast(g, tf.float32), [-1, 1])
+            per_target = weight if exact else m * total * (vocab / math.sqrt(max(vocab - 1, 1)))
+            dx = delta * tf.reshape(per_target * tf.cast(g, tf.float32), [-1, 1])
             return tf.cast(tf.reshape(dx, tf.shape(x)), x.dtype)
 
-        return loss, grad
+        return values, grad
 
     return _loss(logits)
 

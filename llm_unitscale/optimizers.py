@@ -33,11 +33,10 @@ optimizer is built from the model's variables (roles come from the Keras variabl
    η, not multiplied by m(v) (u-μP's "independent" weight decay).
 
 2. **Replica correction** (``replica_correction=True``). Under a ``tf.distribute`` strategy with R replicas,
-   Keras divides each replica's loss by R (``scale_loss_for_distribution``; for the unit-scaled loss, which
-   returns a scalar, via ``distribute.patch_keras_scalar_loss``) and sums the replicas' gradients. That is
-   exact for an ordinary mean loss, but the unit-scaled ops scale every weight gradient by N^-½ with N the
-   rows *on the replica* (``ops.dense``: ∂W = N^-½·xᵀg, embeddings √(V/N), norms N^-½), and
-   ``ops.softmax_cross_entropy`` has no 1/N. So the summed gradient is
+   Keras divides each replica's loss by R (``scale_loss_for_distribution``) and sums the replicas'
+   gradients. That is exact for an ordinary mean loss, but the unit-scaled ops scale every weight gradient by
+   N^-½ with N the rows *on the replica* (``ops.dense``: ∂W = N^-½·xᵀg, embeddings √(V/N), norms N^-½), and
+   ``ops.softmax_cross_entropy`` undoes the mean's 1/N. So the summed gradient is
    Σ_r (1/R)·(N/R)^-½·Σ_{rows of r} = R^-½ · N^-½·Σ_{all rows}, i.e. R^-½ times the single-device gradient on
    the same global batch, for every weight alike. ``apply`` multiplies each replica's gradients by √R
    before Keras sums them, so a unit-scaled model's optimizer sees the gradient of the global batch

@@ -75,15 +75,6 @@ def test_keras_multiworker_bug_still_present() -> None:
     )
 
 
-def test_keras_scalar_loss_bug_still_present() -> None:
-    """Guard for distribute.patch_keras_scalar_loss: fails once Keras scales 0-d losses for distribution itself."""
-    from llm_unitscale import distribute
-
-    assert distribute.keras_scalar_loss_bug_present(), (
-        "Keras now scales scalar losses under tf.distribute: remove distribute.patch_keras_scalar_loss and this test"
-    )
-
-
 def test_train_config_rejects_unknown_strategy(tmp_path: Path) -> None:
     from llm_unitscale.training import ConfigError, TrainConfig, train
 
@@ -176,7 +167,7 @@ def _mode_grads() -> dict:
     import numpy as np
     import tensorflow as tf
 
-    from llm_unitscale import distribute, optimizers
+    from llm_unitscale import optimizers
     from llm_unitscale.models import build_model, loss_for
 
     class Recording(optimizers.UnitAdamW):
@@ -195,8 +186,6 @@ def _mode_grads() -> dict:
     rng = np.random.default_rng(0)
     x = rng.integers(1, 50, size=(8, 12)).astype("int32")
     y = rng.integers(1, 50, size=(8, 12)).astype("int32")
-
-    distribute.patch_keras_scalar_loss()  # what distribute.get_strategy does for training.train
 
     def gradients(strategy: tf.distribute.Strategy, unit: bool, correction: bool) -> tuple[list[np.ndarray], float]:
         keras.utils.set_random_seed(1)

@@ -289,6 +289,31 @@ def test_unit_softmax_cross_entropy_ignore_class() -> None:
     assert revived.ignore_class == 0 and float(revived(targets, logits)) == pytest.approx(float(value))
 
 
+def test_unit_softmax_cross_entropy_sample_weight_scales_each_targets_gradient() -> None:
+    """Keras reduces the per-target values: a sample weight w scales the value as in Keras's own loss, and the
+    gradient of each target's logits by w, on top of the unit-scaled V/√(V−1)·(softmax − onehot)."""
+    vocab = 30
+    logits = tf.constant(normal((4, 16, vocab)))
+    targets = ids((4, 16), vocab)
+    targets[:, ::3] = 0
+    weights = np.random.default_rng(2).uniform(0.0, 3.0, size=(4, 16)).astype("float32")
+
+    def value_and_grad(loss: keras.losses.Loss, sample_weight: np.ndarray | None) -> tuple[float, np.ndarray]:
+        with tf.GradientTape() as tape:
+            tape.watch(logits)
+            value = loss(targets, logits, sample_weight=sample_weight)
+        return float(value), tape.gradient(value, logits).numpy()
+
+    ours, grad = value_and_grad(L.UnitSoftmaxCrossEntropy(ignore_class=0), weights)
+    theirs, true = value_and_grad(keras.losses.SparseCategoricalCrossentropy(from_logits=True, ignore_class=0),
+                                  weights)
+    assert ours == pytest.approx(theirs, rel=1e-6)
+    counted = int((targets != 0).sum())
+    np.testing.assert_allclose(grad, true * counted * vocab / np.sqrt(vocab - 1), rtol=1e-4, atol=1e-7)
+    _, unweighted = value_and_grad(L.UnitSoftmaxCrossEntropy(ignore_class=0), None)
+    np.testing.assert_allclose(grad, unweighted * weights[..., None], rtol=1e-5, atol=1e-7)
+
+
 def test_each_transformer_block_draws_its_own_dropout_masks() -> None:
     """Two blocks with the same weights, input and rate must not drop the same units: with one fixed seed per
     block they did, at every step, which made dropout across blocks perfectly correlated."""

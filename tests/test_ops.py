@@ -617,7 +617,9 @@ def _loss_and_grad(logits: np.ndarray, targets: np.ndarray, mask: np.ndarray | N
     x = tf.constant(logits)
     with tf.GradientTape() as tape:
         tape.watch(x)
-        loss = ops.softmax_cross_entropy(x, tf.constant(targets), None if mask is None else tf.constant(mask))
+        values = ops.softmax_cross_entropy(x, tf.constant(targets), None if mask is None else tf.constant(mask))
+        loss = tf.reduce_mean(values)  # Keras's "sum_over_batch_size"
+    assert values.shape == targets.shape
     return float(loss), tape.gradient(loss, x).numpy()
 
 
