@@ -461,58 +461,7 @@ def table(result: dict) -> str:
         for m in result["memory"]:
             lines.append(f"  {m['shape']:7s} " + (f"{m['peak_rss_mb']:.0f} MiB" if "peak_rss_mb" in m
                                                  else f"failed: {m['error']}"))
-    lines += ["", "targets (issue 5)"] + [f"  {t}" for t in targets(result)]
     return "\n".join(lines)
-
-
-def bf16_reason(result: dict) -> str:
-    """Why bfloat16 training can be slower here: the CPU's matrix units and this run's measured matmul peaks."""
-    peaks = result["peaks"]
-    bf16, f32 = peaks["bfloat16"]["gflops"], peaks["float32"]["gflops"]
-    amx = "amx_bf16" in result["env"]["cpu_flags"]
-    units = "AMX-BF16" if amx else "no AMX, only AVX512-BF16 dot products"
-    return f"this CPU: {units}; measured matmul peak bfloat16 {bf16:.0f} vs float32 {f32:.0f} GFLOP/s"
-
-
-def targets(result: dict) -> list[str]:
-    """One line per target of the issue, judged from this run's numbers."""
-    out = []
-    rows = result["training"]
-    if rows:
-        worst = max(rows, key=lambda r: r["unit_over_baseline"])
-        ok = all(r["unit_over_baseline"] <= 1.05 for r in rows)
-        out.append(f"[{'met' if ok else 'MISSED'}] unit-scaled step ≤ 1.05× baseline: worst "
-                   f"{worst['unit_over_baseline']:.3f} ({worst['shape']} {worst['precision']} "
-                   f"{'xla' if worst['xla'] else 'no xla'})")
-        medium = [r for r in rows if r["shape"] == "medium" and r["precision"] == "float32"]
-        if medium:
-            best = max(medium, key=lambda r: r["unit"]["mfu"])
-            out.append(f"[{'met' if best['unit']['mfu'] >= 0.4 else 'MISSED'}] training MFU ≥ 40 % at medium "
-                       f"float32: {best['unit']['mfu']:.1%} unit-scaled, {best['baseline']['mfu']:.1%} baseline "
-                       f"({'xla' if best['xla'] else 'no xla'})")
-        for shape in dict.fromkeys(r["shape"] for r in rows):
-            def fastest(precision: str, shape: str = shape) -> dict | None:
-                cands = [r for r in rows if r["shape"] == shape and r["precision"] == precision]
-                return min(cands, key=lambda r: r["unit"]["ms_per_step"]) if cands else None
-
-            f32, bf16 = fastest("float32"), fastest("bfloat16")
-            if f32 and not bf16 and shape == "small":
-                out.append(f"[not measured here] bfloat16 vs float32 training: full mode only (drop --quick); "
-                           f"{bf16_reason(result)}")
-            if f32 and bf16:
-                speedup = f32["unit"]["ms_per_step"] / bf16["unit"]["ms_per_step"]
-                out.append(f"[{'met' if speedup > 1 else 'MISSED'}] bfloat16 faster than float32 at {shape}: "
-                           f"{speedup:.2f}× (fastest of each: bfloat16 {'xla' if bf16['xla'] else 'no xla'} "
-                           f"{bf16['unit']['ms_per_step']:.0f} ms, float32 {'xla' if f32['xla'] else 'no xla'} "
-                           f"{f32['unit']['ms_per_step']:.0f} ms; {bf16_reason(result)})")
-    for inf in result["inference"]:
-        ratio = inf.get("cached_over_uncached_compiled")
-        if ratio is not None:
-            out.append(f"[{'met' if ratio >= 5 else 'MISSED'}] cached generation ≥ 5× uncached ({inf['shape']}, "
-                       f"100 tokens): {ratio:.1f}× vs the compiled full pass"
-                       + (f", {inf['cached_over_uncached_eager']:.1f}× vs the eager one (generate before the cache)"
-                          if "cached_over_uncached_eager" in inf else ""))
-    return out
 
 
 def main() -> int:

@@ -7,13 +7,11 @@ position p through the model, writes its k, v into row p of a fixed-size cache a
 
 Exactly the maths of the full forward pass, with the model's own layers and weights:
 
-* unit-scaled model (:class:`~llm_unitscale.layers.UnitTransformerBlock`): q, k, v, o come from
-  :func:`ops.dense` with the attention layer's kernels, and the residuals are :func:`ops.residual_add`.
-  Unit-scaled attention multiplies query i's output by √n_i, with n_i the number of keys it may see (i+1 in a
-  causal model). The prefill is :func:`ops.attention` itself; in a step, the query at position p attends over
-  the cache rows 0…p−1 and its own key (:func:`ops.cached_attention`, the same formula), n = p + 1 — the same
-  factor as row p of the full forward pass (with simulated FP8 on: ``ops.attention`` over the cache with the
-  new row written in and a key mask ``j ≤ p``, so that FP8 rounds the same operands);
+* unit-scaled model (:class:`~llm_unitscale.layers.UnitTransformerBlock`): the block's own ``call`` with a
+  ``cache`` and its ``cache_update_index`` — the same layers, projections, norms and residuals as training; only
+  the attention core differs: the new rows attend over the cache rows 0…p−1 and themselves
+  (:func:`ops.cached_attention`, rows p… of :func:`ops.attention`'s causal output, simulated FP8 included), and
+  the block returns their keys and values for the decoder to write;
 * stock-Keras baseline: the ``keras.layers.MultiHeadAttention`` layer's own projections and its
   ``_compute_attention`` (softmax(q·kᵀ/√d_head)·v through ``ops.dot_product_attention``) with the same key mask;
   LayerNormalization, Dense and Add layers are called as they are in the model.
@@ -52,7 +50,6 @@ import tensorflow as tf
 from llm_unitscale import layers as unit_layers
 from llm_unitscale import ops
 from llm_unitscale.models import PositionEmbedding
-from llm_unitscale.precision import fp8_enabled
 
 Caches = tuple[tf.Tensor, ...]
 
@@ -68,7 +65,9 @@ def supports(model: keras.Model) -> bool:
 
 
 class _UnitBlock:
-    """One unit-scaled transformer block run on new rows against a (B, H, S, d_head) key/value cache."""
+    """A unit-scaled transformer block driven against a (B, H, S, d_head) key/value cache: the block's own
+    ``call`` with ``cache`` and ``cache_update_index`` (:class:`~llm_unitscale.layers.UnitTransformerBlock`),
+    so decoding runs the very layers training runs."""
 
     seq_axis = 2  # caches are (B, H, S, d_head), the layout of ops.attention
 
@@ -76,57 +75,22 @@ class _UnitBlock:
         self.block = block
         self.attention = block.attention
         self.heads = block.attention.num_heads
-        self.width = int(block.attention.kernels[0].shape[0])
-        self.head_dim = self.width // self.heads
-        self.causal = block.attention.causal
+        self.head_dim = int(block.attention.kernels[0].shape[0]) // self.heads
 
     def cache_shape(self, batch: int, length: int) -> tuple[int, ...]:
         return (batch, self.heads, length, self.head_dim)
 
-    def _split(self, t: tf.Tensor) -> tf.Tensor:
-        shape = tf.shape(t)
-        return tf.transpose(tf.reshape(t, [shape[0], shape[1], self.heads, self.head_dim]), [0, 2, 1, 3])
-
     def __call__(
         self, x: tf.Tensor, key_cache: tf.Tensor | None, value_cache: tf.Tensor | None, pos: tf.Tensor | None
     ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-        """Run ``x`` (B, T, d) through the block. With no cache (prefill from position 0): causal attention over
-        the T new rows. With a cache (one row at position ``pos``, cache rows 0…pos−1 filled): attend over the
-        cache and the new row (:func:`ops.cached_attention`; the cache is only read). Returns (output, k, v):
-        the new rows' keys and values, to be stored in the cache."""
-        attention = self.block.attention
-        dtype = attention.compute_dtype
-        kernels = [tf.cast(k.value, dtype) for k in attention.kernels]
-        biases = [tf.cast(b.value, dtype) for b in attention.biases] if attention.use_bias else [None] * 4
-        x = tf.cast(x, self.block.compute_dtype)
-        kv: list[tf.Tensor] = []
-
-        def attention_branch(h: tf.Tensor) -> tf.Tensor:
-            h = tf.cast(self.block.attention_norm(h), dtype)
-            q, k, v = (self._split(ops.dense(h, kernels[i], biases[i])) for i in range(3))
-            if key_cache is None:
-                o = ops.attention(q, k, v, causal=self.causal, rule=attention.attention_rule)
-            elif fp8_enabled():  # simulated FP8 rounds attention's own operands: ops.attention on the written cache
-                visible = tf.range(key_cache.shape[self.seq_axis]) <= pos  # keys 0…pos
-                o = ops.attention(q, _write(key_cache, k, pos, self.seq_axis), _write(value_cache, v, pos, self.seq_axis),
-                                  causal=self.causal, padding_mask=visible[None, :], rule=attention.attention_rule)
-            else:
-                cached = tf.range(key_cache.shape[self.seq_axis]) < pos  # rows 0…pos−1
-                o = ops.cached_attention(q, key_cache, value_cache, k, v, cached, attention.attention_rule)
-            kv.extend((k, v))
-            o = tf.transpose(o, [0, 2, 1, 3])
-            shape = tf.shape(o)
-            o = tf.reshape(o, [shape[0], shape[1], self.width])
-            if attention.output_gain:
-                o = o * tf.cast(attention.gain.value, dtype)
-            return ops.dense(o, kernels[3], biases[3])
-
-        def mlp_branch(h: tf.Tensor) -> tf.Tensor:
-            return self.block.mlp(self.block.mlp_norm(h))
-
-        x = ops.residual_add(x, attention_branch, self.block.tau)
-        x = ops.residual_add(x, mlp_branch, self.block.mlp_tau)
-        return x, kv[0], kv[1]
+        """Run ``x`` (B, T, d) through the block. With no cache: a prefill from position 0 (an empty cache).
+        With a cache (rows 0…pos−1 filled): the rows at ``pos``…, attending over the cache and themselves (the
+        cache is only read). Returns (output, k, v): the new rows' keys and values, to be stored in the cache."""
+        if key_cache is None:
+            empty = tf.zeros(self.cache_shape(tf.shape(x)[0], 0), self.attention.compute_dtype)
+            key_cache, value_cache, pos = empty, empty, 0
+        x, (k, v) = self.block(x, cache=(key_cache, value_cache), cache_update_index=pos)
+        return x, k, v
 
 
 class _StockBlock:

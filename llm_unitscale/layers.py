@@ -290,6 +290,8 @@ class UnitMultiHeadAttention(keras.layers.Layer):
 
     Weights: query/key/value/output kernels (width, width) as in Keras's ``MultiHeadAttention`` (one per
     projection), biases optional. ``call(x, padding_mask=None)``; padding_mask (B, T) is True for real tokens.
+    ``call(x, cache=(keys, values), cache_update_index=p)`` decodes rows p… against a key/value cache and
+    returns (output, (k, v)) of the new rows (see :func:`ops.multi_head_attention`).
     attention_rule: how each head's output is brought to unit scale (:func:`ops.attention_output`); a saved
     layer without the key is from a version that always used "sqrt_n", and loads with it. output_gain: a
     learnable per-channel gain on the heads' outputs (see :func:`ops.multi_head_attention`).
@@ -327,12 +329,18 @@ class UnitMultiHeadAttention(keras.layers.Layer):
         self.gain = (self.add_weight(name="output_gain", shape=(width,), initializer="ones")
                      if self.output_gain else None)
 
-    def call(self, x: tf.Tensor, padding_mask: tf.Tensor | None = None) -> tf.Tensor:
+    def call(
+        self,
+        x: tf.Tensor,
+        padding_mask: tf.Tensor | None = None,
+        cache: tuple[tf.Tensor, tf.Tensor] | None = None,
+        cache_update_index: tf.Tensor | int | None = None,
+    ) -> tf.Tensor | tuple[tf.Tensor, tuple[tf.Tensor, tf.Tensor]]:
         kernels = tuple(k.value for k in self.kernels)
         biases = tuple(b.value for b in self.biases) if self.use_bias else None
         gain = self.gain.value if self.output_gain else None
         return ops.multi_head_attention(x, kernels, biases, self.num_heads, self.causal, padding_mask,
-                                        self.attention_rule, gain)
+                                        self.attention_rule, gain, cache, cache_update_index)
 
     def compute_output_shape(self, x_shape: tuple, padding_mask_shape: tuple | None = None) -> tuple:
         return x_shape
@@ -447,16 +455,34 @@ class UnitTransformerBlock(keras.layers.Layer):
         for layer in (self.attention_norm, self.attention, self.mlp_norm, self.mlp):
             layer.build(x_shape)
 
-    def call(self, x: tf.Tensor, padding_mask: tf.Tensor | None = None, training: bool = False) -> tf.Tensor:
+    def call(
+        self,
+        x: tf.Tensor,
+        padding_mask: tf.Tensor | None = None,
+        training: bool = False,
+        cache: tuple[tf.Tensor, tf.Tensor] | None = None,
+        cache_update_index: tf.Tensor | int | None = None,
+    ) -> tf.Tensor | tuple[tf.Tensor, tuple[tf.Tensor, tf.Tensor]]:
+        """The block on x (B, T, width). With ``cache`` = (keys, values), each (B, heads, S, head_dim), holding
+        positions 0…p−1 and ``cache_update_index`` = p, x holds positions p…p+T−1 and the call returns
+        (output, (k, v)): the keys and values of those rows, for the caller to write into the cache (decoding
+        runs this same call: ``decoding.KVCacheDecoder``)."""
+        new_rows: list[tuple[tf.Tensor, tf.Tensor]] = []
+
         def attention_branch(h: tf.Tensor) -> tf.Tensor:
-            h = self.attention(self.attention_norm(h), padding_mask=padding_mask)
+            h = self.attention(self.attention_norm(h), padding_mask=padding_mask, cache=cache,
+                               cache_update_index=cache_update_index)
+            if cache is not None:
+                h, rows = h
+                new_rows.append(rows)
             return ops.dropout(h, self.dropout, training, self.seed_generator)
 
         def mlp_branch(h: tf.Tensor) -> tf.Tensor:
             return ops.dropout(self.mlp(self.mlp_norm(h)), self.dropout, training, self.seed_generator)
 
         x = ops.residual_add(x, attention_branch, self.tau)
-        return ops.residual_add(x, mlp_branch, self.mlp_tau)
+        x = ops.residual_add(x, mlp_branch, self.mlp_tau)
+        return x if cache is None else (x, new_rows[0])
 
     def compute_output_shape(self, x_shape: tuple, padding_mask_shape: tuple | None = None) -> tuple:
         return x_shape

@@ -734,26 +734,42 @@ def cached_attention(
     v_cache: tf.Tensor,
     k_new: tf.Tensor,
     v_new: tf.Tensor,
-    cached: tf.Tensor,
+    start: tf.Tensor | int,
     rule: str = "norm",
 ) -> tf.Tensor:
-    """:func:`attention` for one new query row over a key/value cache plus its own key, for decoding (forward only).
+    """Causal :func:`attention` of T new rows at positions p…p+T−1 over a key/value cache that holds positions
+    0…p−1, plus the new rows' own keys (forward only: decoding).
 
-    q, k_new, v_new: (B, H, 1, d), the new position p; k_cache, v_cache: (B, H, S, d); cached: (S,) bool, the
-    cache rows that hold earlier positions (0…p−1). The keys are those rows and the new one, n = p + 1:
+    q, k_new, v_new: (B, H, T, d); k_cache, v_cache: (B, H, S, d), rows ≥ p ignored whatever they hold;
+    start: p. Query i sees the cache rows j < p and the new rows t ≤ i, n_i = p + i + 1 keys:
 
-        o = unit(Σ_j softmax_j(q·k_j/d) · v_j)          (``unit`` = :func:`attention_output` with ``rule``)
+        o_i = unit(Σ_j softmax_j(q_i·k_j/d) · v_j)        (``unit`` = :func:`attention_output` with ``rule``)
 
-    — row p of :func:`attention`'s causal output, computed without writing k_new, v_new into the cache (a
-    cache-sized select per layer would cost more than this attention). No simulated FP8 (see ``decoding``).
+    — rows p…p+T−1 of :func:`attention`'s causal output over the whole sequence (a prefill is p = 0, a decode
+    step T = 1). The cache is only read: the two score blocks (cache, new rows) are joined, not the caches, so
+    a step costs no cache-sized copy (concatenating or writing the keys first would copy every cache per token).
+    Simulated FP8 rounds the same operands as :func:`attention`.
     """
     inv_d = 1.0 / int(q.shape[-1])
-    old = tf.matmul(q, k_cache, transpose_b=True) * inv_d  # (B, H, 1, S)
-    old = tf.where(cached[None, None, None, :], old, tf.cast(old.dtype.min, old.dtype) * 0.5)
-    new = tf.reduce_sum(q * k_new, axis=-1, keepdims=True) * inv_d  # (B, H, 1, 1)
+    t_new, length = tf.shape(q)[2], tf.shape(k_cache)[2]
+    start = tf.cast(start, tf.int32)
+    q_r, k_cache_r = fp8_matmul_inputs(q, k_cache)
+    _, k_new_r = fp8_matmul_inputs(q, k_new)
+    old = fp8_matmul_output(tf.matmul(q_r, k_cache_r, transpose_b=True) * inv_d)  # (B, H, T, S)
+    new = fp8_matmul_output(tf.matmul(q_r, k_new_r, transpose_b=True) * inv_d)  # (B, H, T, T)
+    floor = tf.cast(old.dtype.min, old.dtype) * 0.5
+    old = tf.where((tf.range(length) < start)[None, None, None, :], old, floor)
+    new = tf.where((tf.range(t_new)[None, :] <= tf.range(t_new)[:, None])[None, None], new, floor)
     probs = tf.nn.softmax(tf.concat([old, new], axis=-1), axis=-1)
-    count = tf.reduce_sum(tf.cast(cached, q.dtype)) + 1.0
-    o = tf.matmul(probs[..., :-1], v_cache) + probs[..., -1:] * v_new
+    count = tf.cast(start + tf.range(t_new) + 1, q.dtype)[:, None]  # (T, 1)
+    p_old, p_new = probs[..., :length], probs[..., length:]
+    if fp8_enabled():
+        s = fp8_prob_scale(count)
+        p_old, v_cache = fp8_matmul_inputs(p_old * s, v_cache)
+        p_new, v_new = fp8_matmul_inputs(p_new * s, v_new)
+        o = fp8_matmul_output(tf.matmul(p_old, v_cache) + tf.matmul(p_new, v_new)) / s
+    else:
+        o = tf.matmul(p_old, v_cache) + tf.matmul(p_new, v_new)
     return attention_output(o, count, rule)
 
 
@@ -766,9 +782,17 @@ def multi_head_attention(
     padding_mask: tf.Tensor | None = None,
     rule: str = "norm",
     output_gain: tf.Tensor | None = None,
-) -> tf.Tensor:
+    cache: tuple[tf.Tensor, tf.Tensor] | None = None,
+    cache_update_index: tf.Tensor | int | None = None,
+) -> tf.Tensor | tuple[tf.Tensor, tuple[tf.Tensor, tf.Tensor]]:
     """Self-attention block: q, k, v = dense(x); o = dense(γ ⊙ concat_heads(attention(q, k, v))) (``rule``: see
     :func:`attention_output`; γ = ``output_gain``, one per channel, or none).
+
+    With a ``cache`` (keys, values), each (B, H, S, d_head), holding positions 0…p−1 and
+    ``cache_update_index`` = p, x holds the T rows at positions p…p+T−1 and attention is
+    :func:`cached_attention` over the cache and those rows (decoding: a prefill is p = 0 with any cache, a step
+    T = 1). Returns (output, (k, v)) — the new rows' keys and values, (B, H, T, d_head), for the caller to write
+    at rows p…p+T−1 (in place, into cache variables: returning a written cache would copy it per token).
 
     γ (starting at 1) gives the branch back a learnable magnitude: the "norm" rule fixes each head's output
     RMS at 1 and the output kernel's columns are held at unit RMS, so without γ the attention branch adds the
@@ -797,14 +821,21 @@ def multi_head_attention(
         q = heads(dense(x, wq, bq, grad_input_scale=width**-0.5 / c))
         k = heads(dense(x, wk, bk, grad_input_scale=width**-0.5 / c))
     v = heads(dense(x, wv, bv))
-    o = attention(q, k, v, causal=causal, padding_mask=padding_mask, qk_grad_scale=c, rule=rule, qk_grad=qk_grad,
-                  source_width=int(wq.shape[0]))
+    if cache is None:
+        o = attention(q, k, v, causal=causal, padding_mask=padding_mask, qk_grad_scale=c, rule=rule,
+                      qk_grad=qk_grad, source_width=int(wq.shape[0]))
+    else:
+        if not causal or padding_mask is not None:
+            raise ValueError("a key/value cache is for causal attention without a padding mask")
+        o = cached_attention(q, tf.cast(cache[0], q.dtype), tf.cast(cache[1], v.dtype), k, v, cache_update_index,
+                             rule)
     o = tf.transpose(o, [0, 2, 1, 3])
     shape = tf.shape(o)
     o = tf.reshape(o, [shape[0], shape[1], width])
     if output_gain is not None:
         o = o * scaled(tf.cast(output_gain, o.dtype), 1.0, rsqrt(rows(o)))
-    return dense(o, wo, bo)
+    out = dense(o, wo, bo)
+    return out if cache is None else (out, (k, v))
 
 
 def mlp(

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from llm_unitscale import ops
+from llm_unitscale import ops, precision
 
 B, T, W, V = 8, 64, 256, 1000  # DESIGN shapes: batch, sequence, width, vocabulary
 N = B * T  # rows that share a weight in one step
@@ -703,21 +703,23 @@ def test_attention_output_independent_of_sequence_length(prefix: int) -> None:
     np.testing.assert_allclose(last[:, :, 0], full[:, :, prefix - 1], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("pos", [0, 5, 31])
-def test_cached_attention_is_row_p_of_causal_attention(pos: int) -> None:
-    """One query at position p over the cache rows 0…p−1 plus its own key = row p of the full causal pass,
-    whatever the cache holds beyond row p−1."""
+@pytest.mark.parametrize(("pos", "rows"), [(0, 1), (5, 1), (31, 1), (0, 32), (7, 9)])
+def test_cached_attention_is_rows_p_on_of_causal_attention(pos: int, rows: int) -> None:
+    """New rows p…p+T−1 over the cache rows 0…p−1 plus their own keys = those rows of the full causal pass,
+    whatever the cache holds beyond row p−1 (a decode step T = 1, a prefill p = 0, a chunk), FP8 included."""
     q, k, v = _qkv()
-    full = ops.attention(q, k, v, causal=True).numpy()
     length = int(k.shape[2])
     junk = np.random.default_rng(9).standard_normal(k.shape).astype(np.float32)
     rows_before = np.arange(length)[None, None, :, None] < pos
     k_cache = tf.constant(np.where(rows_before, k, junk))  # rows ≥ p: anything (not yet written)
     v_cache = tf.constant(np.where(rows_before, v, junk))
-    row = slice(pos, pos + 1)
-    out = ops.cached_attention(tf.constant(q[:, :, row]), k_cache, v_cache, tf.constant(k[:, :, row]),
-                               tf.constant(v[:, :, row]), tf.range(length) < pos).numpy()
-    np.testing.assert_allclose(out[:, :, 0], full[:, :, pos], rtol=1e-5, atol=1e-5)
+    new = slice(pos, pos + rows)
+    for fp8 in (False, True):
+        with precision.fp8(fp8):
+            full = ops.attention(q, k, v, causal=True).numpy()
+            out = ops.cached_attention(tf.constant(q[:, :, new]), k_cache, v_cache, tf.constant(k[:, :, new]),
+                                       tf.constant(v[:, :, new]), pos).numpy()
+        np.testing.assert_allclose(out, full[:, :, new], rtol=1e-5, atol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------ pooling constants

@@ -1,4 +1,4 @@
-"""Interrupted training (issue 6): kill -9 then --resume, Ctrl-C, NaN, atomic saves, determinism.
+"""Interrupted training: kill -9 then --resume, Ctrl-C, NaN, atomic saves, determinism.
 
 The reference is an uninterrupted run; a run killed with SIGKILL (or stopped with SIGINT) mid-epoch and
 resumed must end with the same metrics, because checkpoints hold the model and optimizer state and training
