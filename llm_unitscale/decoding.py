@@ -12,9 +12,10 @@ Exactly the maths of the full forward pass, with the model's own layers and weig
   the attention core differs: the new rows attend over the cache rows 0…p−1 and themselves
   (:func:`ops.cached_attention`, rows p… of :func:`ops.attention`'s causal output, simulated FP8 included), and
   the block returns their keys and values for the decoder to write;
-* stock-Keras baseline: the ``keras.layers.MultiHeadAttention`` layer's own projections and its
-  ``_compute_attention`` (softmax(q·kᵀ/√d_head)·v through ``ops.dot_product_attention``) with the same key mask;
-  LayerNormalization, Dense and Add layers are called as they are in the model.
+* stock-Keras baseline: the ``keras.layers.MultiHeadAttention`` layer's own projection layers (its public
+  ``query_dense`` … ``output_dense``) around stock attention maths (:func:`precision.stock_attention`,
+  softmax(q·kᵀ/√d_head)·v) with a key mask; LayerNormalization, Dense and Add layers are called as they are in
+  the model.
 
 Norms, MLPs, the embedding, the readout act row by row, so running them on one row gives that row of the full
 pass. Results equal the uncached path up to float rounding (matmuls of a different shape sum in another order).
@@ -48,7 +49,7 @@ import numpy as np
 import tensorflow as tf
 
 from llm_unitscale import layers as unit_layers
-from llm_unitscale import ops
+from llm_unitscale import ops, precision
 from llm_unitscale.models import PositionEmbedding
 
 Caches = tuple[tf.Tensor, ...]
@@ -116,20 +117,22 @@ class _StockBlock:
     def __call__(
         self, x: tf.Tensor, key_cache: tf.Tensor | None, value_cache: tf.Tensor | None, pos: tf.Tensor | None
     ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-        """As :meth:`_UnitBlock.__call__`, with MultiHeadAttention's own projections and attention maths (on a
-        copy of the cache with the new row written in: the baseline keeps Keras's attention code)."""
+        """As :meth:`_UnitBlock.__call__`, with MultiHeadAttention's own projection layers and the stock
+        attention maths (:func:`precision.stock_attention`, simulated FP8 included) over a copy of the cache with
+        the new row written in."""
         mha = self.attention
         h = self.attention_norm(x)
-        q, k, v = mha._query_dense(h), mha._key_dense(h), mha._value_dense(h)
-        if key_cache is None:  # what MultiHeadAttention.call does with use_causal_mask=True and no other mask
-            o, _ = mha._compute_attention(q, k, v, None, False, use_causal_mask=True)
+        q, k, v = mha.query_dense(h), mha.key_dense(h), mha.value_dense(h)
+        if key_cache is None:  # prefill from position 0: causal over the new rows
+            keys, values = k, v
+            length = tf.shape(q)[1]
+            visible = tf.range(length)[None, :] <= tf.range(length)[:, None]
         else:
             keys = _write(key_cache, k, pos, self.seq_axis)
             values = _write(value_cache, v, pos, self.seq_axis)
-            visible = tf.range(tf.shape(keys)[self.seq_axis]) <= pos
-            mask = tf.broadcast_to(visible[None, None, :], [tf.shape(q)[0], tf.shape(q)[1], tf.shape(keys)[1]])
-            o, _ = mha._compute_attention(q, keys, values, mask, False)
-        x = self.attention_add([x, mha._output_dense(o)])
+            visible = (tf.range(tf.shape(keys)[self.seq_axis]) <= pos)[None, :]
+        o, _ = precision.stock_attention(q, keys, values, visible[None])
+        x = self.attention_add([x, mha.output_dense(o)])
         h = self.mlp_down(self.mlp_up(self.mlp_norm(x)))
         return self.mlp_add([x, h]), k, v
 

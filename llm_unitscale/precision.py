@@ -38,6 +38,7 @@ counting inside the jit-compiled training step would add state to every matmul.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -289,9 +290,30 @@ class FP8MultiHeadAttention(keras.layers.MultiHeadAttention):
             attention_mask = causal if attention_mask is None else tf.logical_and(
                 tf.cast(attention_mask, tf.bool), causal
             )
-        query = query * tf.cast(self._inverse_sqrt_key_dim, query.dtype)
-        scores = fp8_matmul_output(tf.einsum(self._dot_product_equation, *fp8_matmul_inputs(key, query)))
-        scores = self._masked_softmax(scores, attention_mask)
-        dropped = self._dropout_layer(scores, training=training) if self._dropout > 0.0 else scores
-        out = fp8_matmul_output(tf.einsum(self._combine_equation, *fp8_matmul_inputs(dropped, value)))
-        return out, scores
+        def dropout(probs: tf.Tensor) -> tf.Tensor:
+            return self._dropout_layer(probs, training=training) if self._dropout > 0.0 else probs
+
+        return stock_attention(query, key, value, attention_mask, dropout)
+
+
+def stock_attention(
+    query: tf.Tensor,
+    key: tf.Tensor,
+    value: tf.Tensor,
+    mask: tf.Tensor | None = None,
+    dropout: Callable[[tf.Tensor], tf.Tensor] | None = None,
+) -> tuple[tf.Tensor, tf.Tensor]:
+    """Stock multi-head attention's explicit path on (B, T, H, d) query and (B, S, H, d) key/value, as
+    ``keras.layers.MultiHeadAttention`` computes it: p = softmax(q·kᵀ/√d masked), out = p·v (B, T, H, d);
+    returns (out, p). mask: bool, broadcastable to (B, T, S), True where query t may see key s. With FP8 on,
+    both matmuls take E4M3 operands (E5M2 gradients); probabilities are rounded as they are (no unit scale).
+    Used by :class:`FP8MultiHeadAttention` and by the stock model's cached decoding."""
+    query = query * tf.cast(1.0 / math.sqrt(int(query.shape[-1])), query.dtype)
+    scores = fp8_matmul_output(tf.einsum("bshd,bthd->bhts", *fp8_matmul_inputs(key, query)))
+    if mask is not None:
+        visible = tf.expand_dims(tf.cast(mask, tf.bool), -3)  # (B, 1, T, S): every head
+        scores = tf.where(visible, scores, tf.cast(scores.dtype.min, scores.dtype) * 0.5)
+    probs = tf.nn.softmax(scores, axis=-1)
+    dropped = probs if dropout is None else dropout(probs)
+    out = fp8_matmul_output(tf.einsum("bhts,bshd->bthd", *fp8_matmul_inputs(dropped, value)))
+    return out, probs
