@@ -303,7 +303,7 @@ class UnitMultiHeadAttention(keras.layers.Layer):
         causal: bool = True,
         use_bias: bool = True,
         kernel_constraint: Any = _DEFAULT,
-        attention_rule: str = "norm",
+        attention_rule: str = "joint_norm",
         output_gain: bool = False,
         **kwargs: Any,
     ):
@@ -421,7 +421,7 @@ class UnitTransformerBlock(keras.layers.Layer):
         norm: str = "rms",
         use_bias: bool = False,
         mlp_tau: float | None = None,
-        attention_rule: str = "norm",
+        attention_rule: str = "joint_norm",
         attention_gain: bool = False,
         **kwargs: Any,
     ):

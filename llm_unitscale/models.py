@@ -101,7 +101,7 @@ def build_model(
     name: str | None = None,
     residual_mult: float = 1.0,
     attention_ratio: float = 1.0,
-    attention_rule: str = "norm",
+    attention_rule: str = "joint_norm",
     attention_gain: bool = False,
 ) -> keras.Model:
     """Build an uncompiled model mapping ids (B, T) to logits; see the module docstring for the archs.
@@ -175,7 +175,7 @@ def is_unit_scaled(model: keras.Model) -> bool:
 class _UnitKit:
     """Factories for the unit-scaled model's layers."""
 
-    def __init__(self, constraint: str | None, attention_rule: str = "norm", attention_gain: bool = False):
+    def __init__(self, constraint: str | None, attention_rule: str = "joint_norm", attention_gain: bool = False):
         self.attention_rule = attention_rule
         self.attention_gain = attention_gain
         self.kernel_constraint = None if constraint is None else unit.UnitScaling(norm=constraint)

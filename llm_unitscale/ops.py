@@ -584,10 +584,10 @@ def attention_grad_scale(head_dim: int) -> float:
 
 def shared_source_factor(mean_count: tf.Tensor, source_width: int) -> tf.Tensor:
     """√(1 + n̄/w): how much larger than the independent-input estimate the q/k weight gradients are when q, k
-    and v are projected from the same x (self-attention), under the "norm" rule. n̄ = the mean number of keys a
-    query sees ((T+1)/2 when causal), w = the width of x.
+    and v are projected from the same x (self-attention), under a normalising rule ("joint_norm", "norm").
+    n̄ = the mean number of keys a query sees ((T+1)/2 when causal), w = the width of x.
 
-    Why: the "norm" rule divides o_i by its RMS ≈ √Σp² ≈ n_i^-½, so ∂o_i ≈ √n_i·∂y_i. Through the logits,
+    Why: the rule divides o_i by its RMS ≈ √Σp² ≈ n_i^-½, so ∂o_i ≈ √n_i·∂y_i. Through the logits,
     ∂k_j ∋ (c/d)·Σ_{i≥j} p_ij (∂o_i·v_j) q_i with v_j = w^-½·x_j W_v, so x_jᵀ∂k_j holds a part that does not
     average out over j: E[x_jᵀx_j] = I gives (c/d)·w^-½·Σ_i (W_v ∂o_iᵀ) q_i after Σ_j p_ij = 1, whose entries
     have variance (1/(d·w))·d·Σ_i n_i, i.e. n̄/w after the weight gradient's N^-½; and ∂q_i = (c/d)·Σ_j
@@ -601,14 +601,16 @@ def shared_source_factor(mean_count: tf.Tensor, source_width: int) -> tf.Tensor:
     return tf.sqrt(1.0 + tf.cast(mean_count, tf.float32) / float(source_width))
 
 
-#: How attention's output is brought to unit scale (:func:`attention`): "norm" (default), "sqrt_n", "none".
-ATTENTION_RULES = ("norm", "sqrt_n", "none")
+#: How attention's output is brought to unit scale (:func:`attention_output`).
+ATTENTION_RULES = ("joint_norm", "norm", "sqrt_n", "none")
+#: The axes of o (B, H, T, d) over which a normalising rule takes its mean square.
+_NORM_AXES = {"joint_norm": (1, 3), "norm": (3,)}
 #: Largest power of two that n·softmax is scaled to before E4M3 rounding: a one-hot row stays below 448.
 _FP8_PROB_SCALE_MAX = 256.0
 
 
-def attention_output(o: tf.Tensor, count: tf.Tensor, rule: str = "norm", epsilon: float = 1e-6) -> tf.Tensor:
-    """Bring o = Σ_j p_j·v_j, the attention output of one head at one query position, to unit scale.
+def attention_output(o: tf.Tensor, count: tf.Tensor, rule: str = "joint_norm", epsilon: float = 1e-6) -> tf.Tensor:
+    """Bring o = Σ_j p_j·v_j, the attention output (B, H, T, d) of every head at every query position, to unit scale.
 
     A convex combination of values has variance Σ_ij p_i p_j C_ij, where C is the covariance of the values.
     For independent unit values that is Σ_j p_j², which is 1/n for the flat attention of a fresh model (n = the
@@ -616,19 +618,24 @@ def attention_output(o: tf.Tensor, count: tf.Tensor, rule: str = "norm", epsilon
     of different positions are correlated — they carry earlier attention outputs, averages over shared prefixes
     — and the variance becomes ρ + (1−ρ)/n: √n then amplifies by up to √(1 + nρ) (measured at init: residual RMS
     2.6 after 4 blocks at T = 64 and 15 at T = 2048), and the attention branch drowns its residual stream. No rule
-    on p or n alone can know ρ, so the default measures it:
+    on p or n alone can know ρ, so the normalising rules measure it:
 
-        "norm"    o / √(mean_d o² + ε)   per head and position: exactly unit at every block, position, length
-                  and attention pattern, at init and during training (a head-wise RMS norm without gain, as in
-                  RetNet and the Differential Transformer); backward: autodiff, exact. At init ∂v_j has
-                  variance Σ_{i≥j} 1/n_i ≈ ln(T/j), RMS ≈ 1 over j.
+        "joint_norm"  o / √(mean_{h,d} o² + ε)   one RMS over all heads at each position (the default): the
+                  attention output of every position is exactly unit at every block, length and attention
+                  pattern, at init and during training, while the heads keep their sizes relative to each
+                  other — a head whose attention averages many unrelated values stays small beside one that
+                  found its key, instead of being raised to unit RMS like it. Backward: autodiff, exact.
+        "norm"    o / √(mean_d o² + ε)   per head and position (a head-wise RMS norm without gain, as in RetNet
+                  and the Differential Transformer): every head at unit RMS everywhere (the rule of models saved
+                  before "joint_norm"; they keep it).
         "sqrt_n"  √n·o: unit for independent values only (the rule of earlier versions; old models keep it).
         "none"    o: stock attention (RMS √Σp², about n^-½ at init): not unit-scaled, for comparison only.
 
+    For both normalising rules, at init ∂v_j has variance Σ_{i≥j} 1/n_i ≈ ln(T/j), RMS ≈ 1 over j.
     count: n per query position, broadcastable to o's (…, T, 1).
     """
-    if rule == "norm":
-        return o * tf.math.rsqrt(tf.reduce_mean(tf.square(o), axis=-1, keepdims=True) + epsilon)
+    if rule in _NORM_AXES:
+        return o * tf.math.rsqrt(tf.reduce_mean(tf.square(o), axis=_NORM_AXES[rule], keepdims=True) + epsilon)
     if rule == "sqrt_n":
         return o * tf.sqrt(count)
     if rule == "none":
@@ -654,7 +661,7 @@ def attention(
     causal: bool = True,
     padding_mask: tf.Tensor | None = None,
     qk_grad_scale: float = 1.0,
-    rule: str = "norm",
+    rule: str = "joint_norm",
     qk_grad: LateScale | None = None,
     source_width: int | None = None,
 ) -> tf.Tensor:
@@ -664,19 +671,20 @@ def attention(
              ``rule`` and n_i the number of keys query i may see (i+1 when causal; valid keys with a padding
              mask). Every rule is per position, so a cached, token-by-token decode gives the same outputs.
     backward exact for v; ∂q and ∂k are exact times ``qk_grad_scale`` (see :func:`attention_grad_scale`; 1 leaves
-             the op exact) — or, with ``qk_grad`` (rule "norm"), times c = ``qk_grad_scale``·f̄, set into
+             the op exact) — or, with ``qk_grad`` (a normalising rule), times c = ``qk_grad_scale``·f̄, set into
              ``qk_grad`` so that the caller can divide its input gradient by the same c (:func:`multi_head_attention`).
-             f̄ = mean_i r_i/√Σ_j p_ij², r_i = the output RMS that "norm" divides by: √Σp² is what r_i would be for
-             independent values, and when the values are correlated the norm divides by a larger r_i and every
-             gradient reaching p shrinks by that ratio (measured at init, depth 12, T = 512: q/k weight gradients
-             0.15–0.4 after block 0 without f̄, 1.3–1.5 with it). With ``source_width`` w (the width x had
+             f̄ = mean_i r_i/√Σ_j p_ij², r_i = the output RMS the rule divides by: √Σp² is what r_i would be
+             for independent values (its mean square over the heads for "joint_norm"), and when the values are
+             correlated the norm divides by a larger r_i and every gradient reaching p shrinks by that ratio
+             (measured at init, depth 12, T = 512: q/k weight gradients 0.15–0.4 after block 0 without f̄,
+             1.3–1.5 with it). With ``source_width`` w (the width x had
              before q, k, v were projected from it), c is further divided by :func:`shared_source_factor`.
     The 1/d logit scale (u-μP) rather than 1/√d keeps attention near-uniform at init for any width.
     Simulated FP8: q and k are rounded at unit scale; the probabilities are rounded after scaling by
     :func:`fp8_prob_scale` (never saturating, whatever the length), and the product divided by it again.
     """
     head_dim = int(q.shape[-1])
-    adapt = qk_grad is not None and rule == "norm" and not _EXACT_GRADIENTS
+    adapt = qk_grad is not None and rule in _NORM_AXES and not _EXACT_GRADIENTS
     if adapt:
         q, k = scale_bwd_late(q, qk_grad), scale_bwd_late(k, qk_grad)
     else:
@@ -709,8 +717,12 @@ def attention(
     else:
         o = tf.matmul(probs, v)
     if adapt:
-        independent = tf.sqrt(tf.reduce_sum(tf.square(probs), axis=-1, keepdims=True))
-        actual = tf.sqrt(tf.reduce_mean(tf.square(o), axis=-1, keepdims=True) + 1e-6)
+        # the RMS the rule divides by, against what it would be for independent values (√Σp², mean square
+        # over the heads the rule pools)
+        axes = _NORM_AXES[rule]
+        independent = tf.sqrt(tf.reduce_mean(tf.reduce_sum(tf.square(probs), axis=-1, keepdims=True),
+                                             axis=axes[:-1], keepdims=True))
+        actual = tf.sqrt(tf.reduce_mean(tf.square(o), axis=axes, keepdims=True) + 1e-6)
         late = qk_grad_scale * _global_mean(tf.reduce_mean(actual / independent))
         if source_width is not None:
             late = late / tf.cast(shared_source_factor(_global_mean(tf.reduce_mean(count)), source_width), late.dtype)
@@ -735,7 +747,7 @@ def cached_attention(
     k_new: tf.Tensor,
     v_new: tf.Tensor,
     start: tf.Tensor | int,
-    rule: str = "norm",
+    rule: str = "joint_norm",
 ) -> tf.Tensor:
     """Causal :func:`attention` of T new rows at positions p…p+T−1 over a key/value cache that holds positions
     0…p−1, plus the new rows' own keys (forward only: decoding).
@@ -780,7 +792,7 @@ def multi_head_attention(
     num_heads: int,
     causal: bool = True,
     padding_mask: tf.Tensor | None = None,
-    rule: str = "norm",
+    rule: str = "joint_norm",
     output_gain: tf.Tensor | None = None,
     cache: tuple[tf.Tensor, tf.Tensor] | None = None,
     cache_update_index: tf.Tensor | int | None = None,
@@ -794,12 +806,12 @@ def multi_head_attention(
     T = 1). Returns (output, (k, v)) — the new rows' keys and values, (B, H, T, d_head), for the caller to write
     at rows p…p+T−1 (in place, into cache variables: returning a written cache would copy it per token).
 
-    γ (starting at 1) gives the branch back a learnable magnitude: the "norm" rule fixes each head's output
+    γ (starting at 1) gives the branch back a learnable magnitude: a normalising rule fixes the heads' output
     RMS at 1 and the output kernel's columns are held at unit RMS, so without γ the attention branch adds the
     same amount to the residual stream whatever it has learned. ∂γ = N^-½·Σ_rows o ⊙ g, as a norm gain.
 
-    Scale trade inside the branch: attention multiplies ∂q, ∂k by c (= √d_head, times f̄ under the "norm" rule:
-    see :func:`attention`) so the q/k weight gradients are unit, and the q/k projections' input gradients are
+    Scale trade inside the branch: attention multiplies ∂q, ∂k by c (= √d_head, times f̄ under a normalising
+    rule: see :func:`attention`) so the q/k weight gradients are unit, and the q/k projections' input gradients are
     divided by the same c, so the gradient reaching x is exact.
     """
     wq, wk, wv, wo = kernels
@@ -812,7 +824,7 @@ def multi_head_attention(
         shape = tf.shape(t)
         return tf.transpose(tf.reshape(t, [shape[0], shape[1], num_heads, head_dim]), [0, 2, 1, 3])
 
-    if rule == "norm" and not _EXACT_GRADIENTS:  # c·f̄, known once attention has run (see attention)
+    if rule in _NORM_AXES and not _EXACT_GRADIENTS:  # c·f̄, known once attention has run (see attention)
         qk_grad = LateScale()
         x_qk = scale_bwd_late(x, qk_grad, inverse=True)
         q, k = heads(dense(x_qk, wq, bq)), heads(dense(x_qk, wk, bk))

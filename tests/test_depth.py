@@ -65,11 +65,35 @@ def test_norm_rule_is_unit_for_correlated_values_where_sqrt_n_is_not() -> None:
     assert rms(sqrt_n[:, :, -1]) > 3.0
 
 
+def test_joint_norm_is_unit_per_position_and_keeps_the_heads_relative_sizes() -> None:
+    """"joint_norm": one RMS over all heads at each position — unit there, at every position, whatever the
+    values' correlation; a quiet head stays quiet beside a loud one (per head, "norm" makes both unit)."""
+    rng = np.random.default_rng(1)
+    t, d = 64, 16
+    shared = rng.standard_normal((2, 3, 1, d))
+    v = np.sqrt(0.5) * shared + np.sqrt(0.5) * rng.standard_normal((2, 3, t, d))
+    v[:, 0] *= 0.05  # head 0's values are small
+    v = tf.constant(v.astype(np.float32))
+    q = tf.constant(rng.standard_normal((2, 3, t, d)).astype(np.float32))
+    joint = ops.attention(q, q, v, rule="joint_norm").numpy()
+    np.testing.assert_allclose(np.sqrt(np.mean(joint**2, axis=(1, 3))), 1.0, atol=1e-3)  # per (batch, position)
+    raw = ops.attention(q, q, v, rule="none").numpy()
+    def head_ratio(o: np.ndarray) -> np.ndarray:  # head 0 against head 1, at each (batch, position)
+        return np.sqrt(np.mean(o[:, 0] ** 2, axis=-1) / np.mean(o[:, 1] ** 2, axis=-1))
+
+    np.testing.assert_allclose(head_ratio(joint), head_ratio(raw), rtol=1e-3)
+    assert rms(joint[:, 0]) < 0.1 * rms(joint[:, 1])
+    per_head = ops.attention(q, q, v, rule="norm").numpy()
+    assert rms(per_head[:, 0]) == pytest.approx(1.0, abs=1e-3)
+
+
 def test_old_models_keep_the_sqrt_n_rule() -> None:
-    """A layer saved before the rule was an option has no "attention_rule" key and loads with the old rule."""
+    """A layer saved before the rule was an option has no "attention_rule" key and loads with the old rule; one
+    saved with the per-head "norm" rule keeps it."""
     block = L.UnitTransformerBlock(2)
     config = block.get_config()
-    assert config["attention_rule"] == "norm"
+    assert config["attention_rule"] == "joint_norm"
+    assert L.UnitTransformerBlock.from_config({**config, "attention_rule": "norm"}).attention.attention_rule == "norm"
     del config["attention_rule"]
     assert L.UnitTransformerBlock.from_config(config).attention_rule == "sqrt_n"
     attention = L.UnitMultiHeadAttention(2).get_config()

@@ -166,7 +166,8 @@ def _mha_kernels() -> dict[str, np.ndarray]:
 
 
 def _norm_rule_qk_factor(x: np.ndarray, wq: np.ndarray, wk: np.ndarray, wv: np.ndarray) -> float:
-    """f̄ = mean over (batch, head, query) of rms(o_i)/√Σ_j p_ij², for causal attention written out in numpy."""
+    """f̄ = mean over (batch, query) of r_i/√(mean_h Σ_j p_hij²), r_i = the RMS of o_i over all heads (the
+    default "joint_norm" rule), for causal attention written out in numpy."""
 
     def heads(t: np.ndarray) -> np.ndarray:
         return t.reshape(B, T, H, D).transpose(0, 2, 1, 3).astype(np.float64)
@@ -176,12 +177,14 @@ def _norm_rule_qk_factor(x: np.ndarray, wq: np.ndarray, wk: np.ndarray, wv: np.n
     p = np.exp(scores - scores.max(-1, keepdims=True))
     p /= p.sum(-1, keepdims=True)
     o = p @ v
-    return float(np.mean(np.sqrt(np.mean(o * o, -1) + 1e-6) / np.sqrt(np.sum(p * p, -1))))
+    actual = np.sqrt(np.mean(o * o, axis=(1, 3)) + 1e-6)
+    independent = np.sqrt(np.mean(np.sum(p * p, -1), axis=1))
+    return float(np.mean(actual / independent))
 
 
 def _mha_case(bias: bool) -> Case:
     inputs = {"x": _u(B, T, W), **_mha_kernels()}
-    # the q/k weight gradients carry c = √D·f̄/√(1 + n̄/W) (ops.attention, rule "norm"): f̄ depends on the data,
+    # the q/k weight gradients carry c = √D·f̄/√(1 + n̄/W) (ops.attention, rule "joint_norm"): f̄ depends on the data,
     # n̄ = (T+1)/2 keys per causal query (ops.shared_source_factor)
     qk = (math.sqrt(W / N) * math.sqrt(D) * _norm_rule_qk_factor(inputs["x"], inputs["wq"], inputs["wk"], inputs["wv"])
           / math.sqrt(1.0 + (T + 1) / 2 / W))
