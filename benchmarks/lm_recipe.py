@@ -27,6 +27,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TextIO
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -103,29 +104,36 @@ def main() -> None:
                 print(f"{corpus} {name} seed {seed}: val {result['final']:.4f}, {result['wall']:.1f} s",
                       file=sys.stderr, flush=True)
 
+    # with --json the document goes to stdout and the table to stderr
+    print_table(results, args.repeats, sys.stderr if args.json else sys.stdout)
     if args.json:
         print(json.dumps({"recipe": RECIPE, "steps": args.steps, "nanogpt": NANOGPT, "results": results}, indent=1))
-    else:
-        for corpus, systems in results.items():
-            steps = systems["unit"][0]["steps"]
-            print(f"\n{corpus}: validation loss (nats/char, whole held-out tail) at step; seconds; "
-                  f"{args.repeats} run(s) each")
-            print(f"{'system':<8} {'lr':>7} " + " ".join(f"{s:>7}" for s in steps)
-                  + f" {'wall s':>16} {'start-up s':>11} {'after s':>8}")
-            for name, runs in systems.items():
-                cells = [statistics.median(r["val_loss"][i] for r in runs) for i in range(len(steps))]
-                print(f"{name:<8} {runs[0]['lr'] or 0:>7.0e} " + " ".join(f"{c:>7.3f}" for c in cells)
-                      + f" {spread([r['wall'] for r in runs]):>16}"
-                      + f" {statistics.median(r['startup'] for r in runs):>11.1f}"
-                      + f" {statistics.median(r['after_last_validation'] for r in runs):>8.1f}")
-            unit = [r["final"] for r in systems["unit"]]
-            stock = [r["final"] for r in systems["stock"]]
-            print(f"final: unit {spread(unit)}, stock {spread(stock)}, "
-                  f"unit − stock {statistics.median(unit) - statistics.median(stock):+.3f}")
-            if corpus in NANOGPT:
-                print(f"nanoGPT (reference, same recipe): {NANOGPT[corpus][0]:.3f} in {NANOGPT[corpus][1]:.0f} s")
     if args.plot:
         plot(results, args.plot)
+
+
+def print_table(results: dict, repeats: int, file: TextIO) -> None:
+    """Per corpus: the median validation loss of each system at each evaluation, wall seconds (median and
+    range), start-up and the time after the last validation; the final losses and their difference."""
+    for corpus, systems in results.items():
+        steps = systems["unit"][0]["steps"]
+        print(f"\n{corpus}: validation loss (nats/char, whole held-out tail) at step; seconds; "
+              f"{repeats} run(s) each", file=file)
+        print(f"{'system':<8} {'lr':>7} " + " ".join(f"{s:>7}" for s in steps)
+              + f" {'wall s':>16} {'start-up s':>11} {'after s':>8}", file=file)
+        for name, runs in systems.items():
+            cells = [statistics.median(r["val_loss"][i] for r in runs) for i in range(len(steps))]
+            print(f"{name:<8} {runs[0]['lr'] or 0:>7.0e} " + " ".join(f"{c:>7.3f}" for c in cells)
+                  + f" {spread([r['wall'] for r in runs]):>16}"
+                  + f" {statistics.median(r['startup'] for r in runs):>11.1f}"
+                  + f" {statistics.median(r['after_last_validation'] for r in runs):>8.1f}", file=file)
+        unit = [r["final"] for r in systems["unit"]]
+        stock = [r["final"] for r in systems["stock"]]
+        print(f"final: unit {spread(unit)}, stock {spread(stock)}, "
+              f"unit − stock {statistics.median(unit) - statistics.median(stock):+.3f}", file=file)
+        if corpus in NANOGPT:
+            print(f"nanoGPT (reference, same recipe): {NANOGPT[corpus][0]:.3f} in {NANOGPT[corpus][1]:.0f} s",
+                  file=file)
 
 
 def plot(results: dict, path: Path) -> None:
