@@ -29,10 +29,9 @@ switched off (``jit_compile=False``, logged): XLA cannot reach the other devices
 **Unit-scaled loss and gradients under replicas.** Keras divides each replica's loss by R and sums the
 replicas' gradients; ``UnitSoftmaxCrossEntropy`` returns one value per target and lets Keras reduce them, like
 every Keras loss, so the logged loss is the global-batch mean. The unit-scaled ops then scale weight gradients
-by N^-½ with N the replica's own rows,
-so the summed gradient is R^-½ times the one-device gradient of the same global batch;
-``optimizers.UnitAdamW`` multiplies by √R (see there), so the optimizer sees exactly the global-batch
-gradient (N = global rows; tested per variable in tests/test_distribute.py).
+by N^-½ with N the replica's own rows, so the summed gradient is R^-½ times the one-device gradient of the
+same global batch; ``optimizers.UnitAdamW`` multiplies by √R (see there), so the optimizer sees exactly the
+global-batch gradient (N = global rows; tested per variable in tests/test_distribute.py).
 
 **Keras 3 + MultiWorkerMirroredStrategy** (keras-team/keras#20329): ``fit`` fails on every worker in two
 places of ``keras.src.backend.tensorflow.trainer``: the symbolic build reduces a ``PerReplica`` batch, and

@@ -677,8 +677,8 @@ def attention(
              for independent values (its mean square over the heads for "joint_norm"), and when the values are
              correlated the norm divides by a larger r_i and every gradient reaching p shrinks by that ratio
              (measured at init, depth 12, T = 512: q/k weight gradients 0.15–0.4 after block 0 without f̄,
-             1.3–1.5 with it). With ``source_width`` w (the width x had
-             before q, k, v were projected from it), c is further divided by :func:`shared_source_factor`.
+             1.3–1.5 with it). With ``source_width`` w (the width x had before q, k, v were projected from
+             it), c is further divided by :func:`shared_source_factor`.
     The 1/d logit scale (u-μP) rather than 1/√d keeps attention near-uniform at init for any width.
     Simulated FP8: q and k are rounded at unit scale; the probabilities are rounded after scaling by
     :func:`fp8_prob_scale` (never saturating, whatever the length), and the product divided by it again.
@@ -765,8 +765,7 @@ def cached_attention(
     inv_d = 1.0 / int(q.shape[-1])
     t_new, length = tf.shape(q)[2], tf.shape(k_cache)[2]
     start = tf.cast(start, tf.int32)
-    q_r, k_cache_r = fp8_matmul_inputs(q, k_cache)
-    _, k_new_r = fp8_matmul_inputs(q, k_new)
+    q_r, k_cache_r, k_new_r = fp8_matmul_inputs(q, k_cache, k_new)
     old = fp8_matmul_output(tf.matmul(q_r, k_cache_r, transpose_b=True) * inv_d)  # (B, H, T, S)
     new = fp8_matmul_output(tf.matmul(q_r, k_new_r, transpose_b=True) * inv_d)  # (B, H, T, T)
     floor = tf.cast(old.dtype.min, old.dtype) * 0.5
