@@ -1,6 +1,6 @@
 """Thin wrapper: `python evaluate.py --help`. The command lives in llm_unitscale.cli."""
 
-from llm_unitscale.cli import evaluate_main
+from llm_unitscale.cli import evaluate_main, exit_with
 
 if __name__ == "__main__":
-    raise SystemExit(evaluate_main())
+    exit_with(evaluate_main)

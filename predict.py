@@ -1,6 +1,6 @@
 """Thin wrapper: `python predict.py --help`. The command lives in llm_unitscale.cli."""
 
-from llm_unitscale.cli import predict_main
+from llm_unitscale.cli import exit_with, predict_main
 
 if __name__ == "__main__":
-    raise SystemExit(predict_main())
+    exit_with(predict_main)

@@ -24,6 +24,7 @@ import unicodedata
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import NoReturn
 
 from llm_unitscale import __version__, interrupts
 
@@ -70,6 +71,22 @@ def printable(text: str) -> str:
 
 def _say(message: str) -> None:
     print(printable(message), file=sys.stderr, flush=True)
+
+
+def exit_with(main: Callable[[], int]) -> NoReturn:
+    """Run a command's ``main`` and end the process with its status, without the interpreter's teardown.
+
+    When a command returns, everything it writes is complete: a run folder is published by a rename, its
+    TensorBoard writers are closed, and stdout/stderr are flushed here. What a normal exit would still do is
+    TensorFlow's native teardown, which does nothing a finished command needs and takes time measured on
+    2 cores: 1.2 s after a trivial TensorFlow program, 2.2 s after a training run. ``os._exit`` skips it.
+    An exception that escapes ``main`` (``SystemExit`` from ``--help``, a usage error) exits the normal way.
+    """
+    status = main()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # a closed pipe (``| head``) or a closed stream
+            stream.flush()
+    os._exit(status)
 
 
 def _guard(main: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:

@@ -125,3 +125,18 @@ def test_val_fraction_option_reaches_the_run_and_is_checked() -> None:
     assert options["val_fraction"] == 0.02 and train_parser().parse_args(["corpus.txt"]).val_fraction == 0.1
     with pytest.raises(ConfigError, match=r"--val-fraction must be in \(0, 0.5\), got 0.7"):
         TrainConfig(val_fraction=0.7).validate()
+
+
+def test_exit_with_flushes_everything_and_keeps_the_status(tmp_path: Path) -> None:
+    """The scripts end with ``cli.exit_with`` (``os._exit``, no interpreter teardown): output still written to a
+    pipe in full, and the command's status is the process's."""
+    import subprocess
+    import sys
+
+    program = ("import sys\nfrom llm_unitscale.cli import exit_with\n"
+               "def main():\n    print('x' * 100_000)\n    print('done', file=sys.stderr)\n    return 3\n"
+               "exit_with(main)\n")
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 3
+    assert done.stdout == "x" * 100_000 + "\n"
+    assert done.stderr.endswith("done\n")

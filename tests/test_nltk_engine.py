@@ -73,3 +73,17 @@ def test_plain_text_never_calls_nltks_engine(monkeypatch: pytest.MonkeyPatch) ->
         "He", "said", "``", "do", "n't", "''", "--", "can", "not", "stop", "(", "now", ")", "...", "Mr.", "Smith",
         "'s", "car", "."]
     assert FAST.tokenize("café “quoted” naïve") == ["café", "“", "quoted", "”", "naïve"]
+
+
+def test_a_character_tokenizer_does_not_import_nltk() -> None:
+    """NLTK (1.3 s to import) is loaded when a word tokenizer first splits text, not by the package."""
+    import subprocess
+    import sys
+
+    program = ("import sys\nimport llm_unitscale.training\nfrom llm_unitscale.preprocessing import Tokenizer\n"
+               "assert Tokenizer('char').tokenize('ab c') == ['a', 'b', ' ', 'c']\n"
+               "assert 'nltk' not in sys.modules, 'nltk imported'\n"
+               "assert Tokenizer('word').tokenize(\"Don't\") == ['Do', \"n't\"]\n"
+               "assert 'nltk' in sys.modules\n")
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]

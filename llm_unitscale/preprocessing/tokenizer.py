@@ -52,14 +52,13 @@ with the default dictionary, and jieba's "Building prefix dict" log lines are si
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import threading
 import unicodedata
 from types import ModuleType
 from typing import Any
-
-from llm_unitscale.preprocessing.nltk_engine import FastWordTokenizer
 
 __all__ = ["MODES", "Tokenizer", "TokenizerError", "is_wordlike", "jieba_available", "normalize_text"]
 
@@ -252,6 +251,15 @@ def _jieba_cut(text: str) -> list[str]:
 # --------------------------------------------------------------------------------------------------
 
 
+@functools.cache
+def _word_tokenizer() -> Any:
+    """NLTK's word tokenizer (``nltk_engine.FastWordTokenizer``), made on first use: importing NLTK takes
+    1.3 s, which a character, jieba or BPE run does not need to pay."""
+    from llm_unitscale.preprocessing.nltk_engine import FastWordTokenizer
+
+    return FastWordTokenizer()
+
+
 class Tokenizer:
     """Split text into tokens and join tokens back into text.
 
@@ -269,8 +277,6 @@ class Tokenizer:
     Raises:
         TokenizerError: unknown mode or cjk value, or jieba requested but not installed.
     """
-
-    _word_tokenizer = FastWordTokenizer()
 
     def __init__(
         self,
@@ -367,9 +373,9 @@ class Tokenizer:
         if not text.strip():
             return []
         if text.isascii():  # no curly apostrophe, no pictograph: skip both passes
-            return _split_sentence_stops(self._word_tokenizer.tokenize(text))
+            return _split_sentence_stops(_word_tokenizer().tokenize(text))
         text = _CURLY_APOSTROPHE_RE.sub("'", text)
-        tokens = self._word_tokenizer.tokenize(text)
+        tokens = _word_tokenizer().tokenize(text)
         return _split_pictographs(_split_sentence_stops(tokens))
 
     # ------------------------------------------------------------------ detokenize
