@@ -1,11 +1,13 @@
 """`python -m llm_unitscale.train` (and the `llm-unitscale-train` console script): see llm_unitscale.cli."""
 
-from llm_unitscale.cli import exit_with, train_main
+from llm_unitscale.cli import exit_with
+from llm_unitscale.cli import train_main as main
 
 
-def main() -> None:
-    exit_with(train_main)
+def console() -> None:
+    """The ``llm-unitscale-train`` console script: :func:`main` ending through ``cli.exit_with``."""
+    exit_with(main)
 
 
 if __name__ == "__main__":
-    main()
+    console()
