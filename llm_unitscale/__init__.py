@@ -42,4 +42,21 @@ except KeyboardInterrupt:
     raise
 
 __version__ = "0.1.0"
-__all__ = ["UnitScaling", "build_model", "constraints", "layers", "models", "ops", "__version__"]
+#: The KerasHub-shaped task models (:mod:`llm_unitscale.hub`), imported on first use: KerasHub takes a second to
+#: import, which the command-line scripts do not need, and it is the optional extra ``hub``.
+_HUB_NAMES = ("CausalLM", "CausalLMPreprocessor", "TextClassifier", "TextClassifierPreprocessor", "UnitBackbone",
+              "UnitTokenizer")
+__all__ = ["UnitScaling", "build_model", "constraints", "layers", "models", "ops", "__version__", *_HUB_NAMES]
+
+
+def __getattr__(name: str) -> object:
+    if name in _HUB_NAMES:
+        try:
+            from llm_unitscale import hub
+        except ModuleNotFoundError as exc:
+            if exc.name not in ("keras_hub", "tensorflow_text"):
+                raise
+            raise ImportError(f"llm_unitscale.{name} needs KerasHub: pip install 'llm-unitscale[hub]' "
+                              "(or pip install keras-hub)") from exc
+        return getattr(hub, name)
+    raise AttributeError(f"module 'llm_unitscale' has no attribute {name!r}")

@@ -181,11 +181,15 @@ class KVCacheDecoder:
         self._rows = tf.function(self._rows_impl, jit_compile=jit_compile)
         self._step = tf.function(self._step_impl)
 
-    # -- the two graphs
-    def _logits(self, x: tf.Tensor) -> tf.Tensor:
-        return tf.cast(self.readout(self.final_norm(x)), tf.float32)
+    # -- the graphs: plain TensorFlow ops, traced by the tf.functions below or inside a caller's graph
+    def _states(self, x: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        """(hidden states after the final norm, float32 logits) of the last block's output ``x``."""
+        hidden = self.final_norm(x)
+        return hidden, tf.cast(self.readout(hidden), tf.float32)
 
-    def _prefill_impl(self, ids: tf.Tensor) -> tuple[tf.Tensor, Caches]:
+    def prefill_states(self, ids: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, Caches]:
+        """(hidden states (B, T, d), logits (B, T, V), caches of length seq_len) of ids (B, T) at positions
+        0…T−1, as ops of the calling graph (KerasHub's generate traces it inside its own compiled loop)."""
         x = self.position(self.embedding(ids))
         caches: list[tf.Tensor] = []
         length = tf.shape(ids)[1]
@@ -194,10 +198,15 @@ class KVCacheDecoder:
             pad = [[0, 0]] * 4
             pad[block.seq_axis] = [0, self.seq_len - length]
             caches += [tf.pad(tf.cast(k, self.cache_dtype), pad), tf.pad(tf.cast(v, self.cache_dtype), pad)]
-        return self._logits(x), tuple(caches)
+        return (*self._states(x), tuple(caches))
 
-    def _rows_impl(self, tokens: tf.Tensor, pos: tf.Tensor, caches: Caches) -> tuple[tf.Tensor, Caches]:
-        """(logits (B, V), the new row's keys and values per block) of tokens at ``pos``; the caches are only read."""
+    def _prefill_impl(self, ids: tf.Tensor) -> tuple[tf.Tensor, Caches]:
+        _, logits, caches = self.prefill_states(ids)
+        return logits, caches
+
+    def _row_states(self, tokens: tf.Tensor, pos: tf.Tensor, caches: Caches) -> tuple[tf.Tensor, tf.Tensor, Caches]:
+        """(hidden (B, 1, d), logits (B, 1, V), the new row's keys and values per block) of tokens at ``pos``;
+        the caches are only read."""
         # one row: forward-only ops scale the row, not the weights (a weight-sized multiply per matmul would
         # cost more than the matmul; measured 25 → 10 ms per token at the medium shape)
         with ops.forward_only():
@@ -206,12 +215,26 @@ class KVCacheDecoder:
             for i, block in enumerate(self.blocks):
                 x, k, v = block(x, caches[2 * i], caches[2 * i + 1], pos)
                 rows += [tf.cast(k, self.cache_dtype), tf.cast(v, self.cache_dtype)]
-            return self._logits(x)[:, 0], tuple(rows)
+            return (*self._states(x), tuple(rows))
+
+    def _rows_impl(self, tokens: tf.Tensor, pos: tf.Tensor, caches: Caches) -> tuple[tf.Tensor, Caches]:
+        """(logits (B, V), the new row's keys and values per block) of tokens at ``pos``; the caches are only read."""
+        _, logits, rows = self._row_states(tokens, pos, caches)
+        return logits[:, 0], rows
+
+    def _written(self, caches: Caches, rows: Caches, pos: tf.Tensor) -> Caches:
+        return tuple(_write(cache, row, pos, self.blocks[i // 2].seq_axis)
+                     for i, (cache, row) in enumerate(zip(caches, rows, strict=True)))
+
+    def step_states(self, tokens: tf.Tensor, pos: tf.Tensor, caches: Caches) -> tuple[tf.Tensor, tf.Tensor, Caches]:
+        """(hidden (B, 1, d), logits (B, 1, V), caches with row ``pos`` written) of tokens (B,) at ``pos``, as ops
+        of the calling graph (KerasHub's ``call_with_cache`` contract)."""
+        hidden, logits, rows = self._row_states(tokens, pos, caches)
+        return hidden, logits, self._written(caches, rows, pos)
 
     def _step_impl(self, tokens: tf.Tensor, pos: tf.Tensor, caches: Caches) -> tuple[tf.Tensor, Caches]:
         logits, rows = self._rows(tokens, pos, caches)
-        return logits, tuple(_write(cache, row, pos, self.blocks[i // 2].seq_axis)
-                             for i, (cache, row) in enumerate(zip(caches, rows, strict=True)))
+        return logits, self._written(caches, rows, pos)
 
     def _step_in_place_impl(self, tokens: tf.Tensor, pos: tf.Tensor, caches: tuple[tf.Variable, ...]) -> tf.Tensor:
         logits, rows = self._rows(tokens, pos, caches)

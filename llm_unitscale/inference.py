@@ -26,11 +26,10 @@ def encode_prompt(run: Run, text: str) -> tuple[list[int], list[str]]:
     tokens = run.tokenizer.tokenize(text)
     if not text.strip() or not tokens:
         raise InputError(f"empty input sentence {text!r}: nothing to predict from")
-    if run.task == "lm":  # line breaks become <eos>, as in training; the text ends mid-line unless it ends in one
-        from llm_unitscale.prepared import lm_ids
+    if run.task == "lm":  # line breaks become <eos>, as in training
+        from llm_unitscale.prepared import prompt_ids
 
-        line_ids = [int(i) for i in lm_ids(run.tokenizer, run.vocab, text)]
-        ids = [run.vocab.eos_id, *(line_ids if text.endswith("\n") else line_ids[:-1])]
+        ids = prompt_ids(run.tokenizer, run.vocab, text)
     else:
         ids = run.vocab.encode(tokens)
     notes = []
@@ -134,15 +133,9 @@ def shown_token(run: Run, i: int) -> str:
 
 def decode_lines(run: Run, ids: list[int]) -> str:
     """Text of generated ids: each ``<eos>`` is a line break, the pieces between them are detokenized."""
-    lines, current = [], []
-    for i in ids:
-        if i == run.vocab.eos_id:
-            lines.append(current)
-            current = []
-        else:
-            current.append(i)
-    lines.append(current)
-    return "\n".join(run.tokenizer.detokenize(run.vocab.decode(line)) for line in lines)
+    from llm_unitscale.prepared import lm_text
+
+    return lm_text(run.tokenizer, run.vocab, ids)
 
 
 def classifier_probabilities(run: Run, texts: list[str]) -> np.ndarray:

@@ -171,6 +171,25 @@ def lm_ids(tokenizer: Any, vocab: Any, text: str) -> np.ndarray:
     return line_ids(vocab, *tokenize_lines(tokenizer, text), keep_empty=keeps_empty_lines(tokenizer))
 
 
+def prompt_ids(tokenizer: Any, vocab: Any, text: str) -> list[int]:
+    """A language model's ids for a prompt: ``<eos>`` (the line start every training window follows) then the
+    tokens of :func:`lm_ids`, whose line breaks are ``<eos>``; the text ends mid-line unless it ends in one."""
+    ids = [int(i) for i in lm_ids(tokenizer, vocab, text)]
+    return [vocab.eos_id, *(ids if text.endswith("\n") else ids[:-1])]
+
+
+def lm_text(tokenizer: Any, vocab: Any, ids: Any) -> str:
+    """Text of language-model ids (the inverse of :func:`lm_ids`): each ``<eos>`` a line break, the pieces
+    between them detokenized; padding and ``<bos>`` dropped."""
+    lines: list[list[int]] = [[]]
+    for i in ids:
+        if int(i) == vocab.eos_id:
+            lines.append([])
+        else:
+            lines[-1].append(int(i))
+    return "\n".join(tokenizer.detokenize(vocab.decode(line)) for line in lines)
+
+
 def id_lines(ids: np.ndarray, vocab: Any) -> tuple[list[list[str]], int, int]:
     """Word2Vec's sentences from language-model ids: (lines, epochs, all lines) as ``embeddings.word2vec_plan``
     picks them from the non-empty lines (split at ``<eos>``), only the sampled lines decoded to tokens."""
