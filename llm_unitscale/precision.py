@@ -207,6 +207,23 @@ def apply(precision: str) -> None:
     tf.config.optimizer.set_experimental_options({"remapping": precision != "float16"})
 
 
+@contextlib.contextmanager
+def applied(precision: str) -> Iterator[None]:
+    """:func:`apply` for the duration of the context (a whole training run: building, tracing, saving), then the
+    previous global dtype policy, FP8 switch and Grappler remapping option back, so that a run's precision does
+    not leak into what the process does next (another run, a model built by the caller)."""
+    policy = keras.mixed_precision.global_policy()
+    fp8_before = _FP8
+    remapping = tf.config.optimizer.get_experimental_options().get("remapping", True)
+    apply(precision)
+    try:
+        yield
+    finally:
+        keras.mixed_precision.set_global_policy(policy)
+        set_fp8(fp8_before)
+        tf.config.optimizer.set_experimental_options({"remapping": remapping})
+
+
 def _tensor(v: Any) -> tf.Tensor:
     """A Keras variable's value (custom gradients reject Keras variables in eager calls), else ``v`` itself."""
     return v.value if isinstance(v, keras.Variable) else v

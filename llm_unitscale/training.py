@@ -466,12 +466,13 @@ def _train_into(cfg: TrainConfig, writer: Any, log: TextIO) -> dict:
     """:func:`train` inside its claimed partial folder ``writer.work``; publishes it when complete."""
     started = time.perf_counter()
     cfg, corpus = _seeded_corpus(cfg, writer.work, log)
-    plan = _plan(cfg, corpus)
-    model, lr, extra = _build(cfg, corpus, plan, writer.work, log)
-    config = _run_config(cfg, corpus, model, lr, plan, extra)
-    state = _write_inputs(cfg, corpus, config, writer.work)
-    saver, stopping, throughput = _fit(cfg, corpus, model, plan, state, config, writer.work, log)
-    metrics = _results(cfg, corpus, model, plan, saver, stopping, writer.work)
+    with precision_mod.applied(cfg.precision):  # Keras global dtype policy + the fp8 switch, for this run only
+        plan = _plan(cfg, corpus)
+        model, lr, extra = _build(cfg, corpus, plan, writer.work, log)
+        config = _run_config(cfg, corpus, model, lr, plan, extra)
+        state = _write_inputs(cfg, corpus, config, writer.work)
+        saver, stopping, throughput = _fit(cfg, corpus, model, plan, state, config, writer.work, log)
+        metrics = _results(cfg, corpus, model, plan, saver, stopping, writer.work)
     writer.publish()
     return {
         "run": str(writer.out),
@@ -536,10 +537,9 @@ def _plan(cfg: TrainConfig, corpus: Corpus) -> _Plan:
 
 def _build(cfg: TrainConfig, corpus: Corpus, plan: _Plan, work: Path, log: TextIO) -> tuple[Any, float, dict]:
     """Step 3: (the compiled model, its peak learning rate, what the embedding initialisation adds to the
-    config), built under the precision and the distribution strategy."""
+    config), built under the distribution strategy (and the run's precision, applied by the caller)."""
     from llm_unitscale.models import build_model
 
-    precision_mod.apply(cfg.precision)  # Keras global dtype policy + the fp8 switch
     with distribution_scope(cfg):
         model = build_model(
             task=corpus.task, arch=cfg.arch,

@@ -310,3 +310,18 @@ def test_cli_precision_options() -> None:
     for bad in (dict(precision="fp4"), dict(precision="keras-float8"), dict(track_scales=-1)):
         with pytest.raises(training.ConfigError):
             training.TrainConfig(**bad).validate()
+
+
+@pytest.mark.parametrize("precision_name", ["fp8", "bfloat16"])
+def test_a_run_leaves_the_process_precision_as_it_found_it(precision_name: str, tmp_path: Path) -> None:
+    """train() applies its precision for the run only: the global dtype policy and the FP8 switch are back
+    afterwards, and the saved model keeps the run's precision."""
+    data = tmp_path / "text.txt"
+    data.write_text("the cat sat on the mat .\nthe dog lay on the rug .\n" * 30, encoding="utf-8")
+    cfg = training.TrainConfig(data=str(data), out=str(tmp_path / "run"), precision=precision_name, max_steps=2,
+                               width=16, depth=1, heads=2, seq_len=8, batch_size=4, embeddings="none",
+                               jit_compile=False)
+    training.train(cfg, log=io.StringIO())
+    assert keras.mixed_precision.global_policy().name == "float32" and not precision.fp8_enabled()
+    if precision_name == "bfloat16":
+        assert load_run(tmp_path / "run").model.get_layer("embedding").compute_dtype == "bfloat16"
