@@ -275,6 +275,38 @@ def test_training_variables_exist_before_the_first_step(unit_scaling: bool, prec
     assert created == []
 
 
+@pytest.mark.parametrize("validations, validation_xla", [(1, False), (2, False), (3, True)])
+def test_validation_is_compiled_with_xla_only_when_the_run_validates_often(
+        monkeypatch: pytest.MonkeyPatch, validations: int, validation_xla: bool) -> None:
+    """compile_validation: XLA for the validation pass only from XLA_VALIDATIONS validations on; the training
+    step keeps XLA either way, and the validation loss is the same."""
+    from keras.src.backend.tensorflow import trainer as keras_trainer
+
+    traced: list[bool | None] = []
+    real_function = tf.function
+
+    def spy(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        if "jit_compile" in kwargs:
+            traced.append(kwargs["jit_compile"])
+        return real_function(*args, **kwargs)
+
+    monkeypatch.setattr(keras_trainer.tf, "function", spy)
+    cfg = training.TrainConfig(jit_compile=True)
+    model = models.build_model(vocab_size=40, seq_len=8, width=16, depth=1, heads=2)
+    training.compile_model(cfg, model, training.make_optimizer(cfg, 1e-3, 10))
+    ids = np.random.default_rng(0).integers(1, 40, (4, 9)).astype(np.int32)
+    data = tf.data.Dataset.from_tensors((ids[:, :-1], ids[:, 1:]))
+    training.compile_validation(model, validations)
+    history = model.fit(data, validation_data=data, epochs=1, verbose=0, shuffle=False)
+    assert traced == ([] if validation_xla else [False]) + [True] + ([True] if validation_xla else [])
+    assert model.jit_compile is True
+    reference = models.build_model(vocab_size=40, seq_len=8, width=16, depth=1, heads=2)
+    reference.set_weights(model.get_weights())
+    training.compile_model(cfg, reference, training.make_optimizer(cfg, 1e-3, 10))
+    assert reference.evaluate(data, verbose=0, return_dict=True)["loss"] == pytest.approx(
+        history.history["val_loss"][0], rel=1e-5)
+
+
 @pytest.mark.parametrize("unit_scaling, arch", [(True, "transformer"), (False, "cnn")])
 def test_fp8_run_tracks_scales_saves_and_loads(tmp_path: Path, unit_scaling: bool, arch: str) -> None:
     cfg = training.TrainConfig(
