@@ -1,9 +1,13 @@
 """Unit-scaled Keras layers: weights plus one call into :mod:`llm_unitscale.ops`.
 
-Every layer here initialises weights N(0, 1) (the fan-in lives in the op), keeps Keras's argument names where a
-stock layer has the same argument, carries a :class:`UnitScaling` kernel constraint by default
-(``kernel_constraint=None`` switches it off) and projects its initial weights onto that constraint. Weights are
-passed to ops as ``variable.value`` (a tensor): custom gradients reject Keras variables in eager calls.
+Where Keras has the same layer, the unit-scaled one subclasses it and overrides only ``call`` (as Graphcore's
+library subclasses torch's modules): ``UnitDense(keras.layers.Dense)``, ``UnitEmbedding``, ``UnitConv1D``,
+``UnitLayerNorm``, ``UnitRMSNorm``, ``UnitDropout``. They take the stock arguments (initializers, regularizers,
+constraints, ``mask_zero``, LoRA, a per-layer ``dtype`` policy) and behave as the stock layer does, except for
+the scaling; Keras's weight quantization, which would replace the scaled op, is refused. Every weight starts
+N(0, 1) (the fan-in lives in the op) and carries a :class:`UnitScaling` constraint by default
+(``kernel_constraint=None`` switches it off), projected onto at creation. Weights are passed to ops as tensors
+(``variable.value``): custom gradients reject Keras variables in eager calls.
 """
 
 from __future__ import annotations
@@ -48,45 +52,71 @@ def _ser(constraint: Any) -> Any:
     return keras.constraints.serialize(constraint) if constraint is not None else None
 
 
+def _project(weight: keras.Variable, constraint: Any) -> None:
+    """Project a freshly created weight onto its constraint (Keras applies constraints only after updates)."""
+    if constraint is not None:
+        weight.assign(constraint(weight.value))
+
+
+def _tensor(v: Any) -> Any:
+    """A Keras variable's value (custom gradients reject Keras variables in eager calls), else ``v`` itself
+    (e.g. the kernel + LoRA delta that ``Dense.kernel`` returns once LoRA is on)."""
+    return v.value if isinstance(v, keras.Variable) else v
+
+
+def _no_quantization(layer: keras.layers.Layer) -> NotImplementedError:
+    return NotImplementedError(
+        f"{type(layer).__name__} runs its own unit-scaled op, which Keras's weight quantization would replace; "
+        "train and run it in low precision with --precision bfloat16/float16/fp8 instead"
+    )
+
+
+def _scaled_activation(activation: str | None) -> str | None:
+    if activation is not None and activation not in ops.ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ops.ACTIVATIONS} or None, got {activation!r}")
+    return activation
+
+
 @register
-class UnitDense(keras.layers.Layer):
-    """Unit-scaled ``Dense``: ``act(α·(xW + b))``, α = fan_in^-½ (see :func:`ops.dense`)."""
+class UnitDense(keras.layers.Dense):
+    """Unit-scaled ``keras.layers.Dense``: ``act(α·(xW + b))``, α = fan_in^-½ (see :func:`ops.dense`).
+
+    Dense's own arguments and behaviour, with unit-scaling defaults: ``kernel_initializer`` N(0, 1) and
+    ``kernel_constraint`` :class:`UnitScaling` (``None`` switches it off; the initial kernel is projected onto
+    it). Regularizers, bias initializer/constraint, masking, a per-layer ``dtype`` policy and ``lora_rank`` (the
+    scaled matmul then runs on W + ΔW) work as in Dense. ``activation`` names one of ``ops.ACTIVATIONS``,
+    applied in its unit-scaled form. Keras's weight quantization (``quantize``) would replace the scaled
+    matmul, so it is refused with a clear error.
+    """
 
     def __init__(
         self,
         units: int,
         activation: str | None = None,
         use_bias: bool = True,
+        kernel_initializer: Any = None,
         kernel_constraint: Any = _DEFAULT,
         **kwargs: Any,
     ):
-        super().__init__(**kwargs)
-        if activation is not None and activation not in ops.ACTIVATIONS:
-            raise ValueError(f"activation must be one of {ops.ACTIVATIONS} or None, got {activation!r}")
-        self.units = int(units)
-        self.activation = activation
-        self.use_bias = use_bias
-        self.kernel_constraint = _constraint(kernel_constraint)
+        super().__init__(
+            int(units), activation=None, use_bias=use_bias, kernel_initializer=kernel_initializer or unit_normal(),
+            kernel_constraint=_constraint(kernel_constraint), **kwargs,
+        )
+        self.scaled_activation = _scaled_activation(activation)
 
     def build(self, input_shape: tuple) -> None:
-        self.kernel = _unit_weight(self, "kernel", (int(input_shape[-1]), self.units), self.kernel_constraint)
-        self.bias = _zeros(self, "bias", (self.units,)) if self.use_bias else None
+        super().build(input_shape)
+        _project(self._kernel, self.kernel_constraint)
 
-    def call(self, x: tf.Tensor) -> tf.Tensor:
-        y = ops.dense(x, self.kernel.value, self.bias.value if self.use_bias else None)
-        return y if self.activation is None else ops.activation(y, self.activation)
+    def call(self, inputs: tf.Tensor, training: bool | None = None) -> tf.Tensor:
+        y = ops.dense(inputs, _tensor(self.kernel), _tensor(self.bias) if self.use_bias else None)
+        return y if self.scaled_activation is None else ops.activation(y, self.scaled_activation)
 
-    def compute_output_shape(self, input_shape: tuple) -> tuple:
-        return (*input_shape[:-1], self.units)
+    def quantize(self, mode: Any = None, **kwargs: Any) -> None:
+        raise _no_quantization(self)
 
     def get_config(self) -> dict:
-        return {
-            **super().get_config(),
-            "units": self.units,
-            "activation": self.activation,
-            "use_bias": self.use_bias,
-            "kernel_constraint": _ser(self.kernel_constraint),
-        }
+        return {**super().get_config(), "activation": self.scaled_activation}
 
 
 @register
@@ -143,33 +173,38 @@ class UnitReadout(keras.layers.Layer):
 
 
 @register
-class UnitEmbedding(keras.layers.Layer):
-    """Unit-scaled ``Embedding``: N(0, 1) rows, ∂W = √(V/N)·scatter(g); rows kept at unit RMS by default."""
+class UnitEmbedding(keras.layers.Embedding):
+    """Unit-scaled ``keras.layers.Embedding``: N(0, 1) rows, ∂W = √(V/N)·scatter(g) (see :func:`ops.embedding`).
 
-    def __init__(self, input_dim: int, output_dim: int, embeddings_constraint: Any = _DEFAULT, **kwargs: Any):
-        super().__init__(**kwargs)
-        self.input_dim = int(input_dim)
-        self.output_dim = int(output_dim)
-        self.embeddings_constraint = _constraint(embeddings_constraint, axis=-1)
+    Embedding's own arguments (``mask_zero``, regularizer, ``lora_rank``, per-layer ``dtype``) with
+    unit-scaling defaults: ``embeddings_initializer`` N(0, 1) and ``embeddings_constraint`` :class:`UnitScaling`
+    over each row (``None`` switches it off). Keras's weight quantization is refused (see :class:`UnitDense`).
+    """
 
-    def build(self, input_shape: tuple | None = None) -> None:
-        self.embeddings = _unit_weight(
-            self, "embeddings", (self.input_dim, self.output_dim), self.embeddings_constraint
+    def __init__(
+        self,
+        input_dim: int,
+        output_dim: int,
+        embeddings_initializer: Any = None,
+        embeddings_constraint: Any = _DEFAULT,
+        **kwargs: Any,
+    ):
+        super().__init__(
+            int(input_dim), int(output_dim), embeddings_initializer=embeddings_initializer or unit_normal(),
+            embeddings_constraint=_constraint(embeddings_constraint, axis=-1), **kwargs,
         )
 
-    def call(self, ids: tf.Tensor) -> tf.Tensor:
-        return ops.embedding(tf.cast(ids, tf.int32), self.embeddings.value)
+    def build(self, input_shape: tuple | None = None) -> None:
+        if self.built:
+            return
+        super().build(input_shape)
+        _project(self._embeddings, self.embeddings_constraint)
 
-    def compute_output_shape(self, input_shape: tuple) -> tuple:
-        return (*input_shape, self.output_dim)
+    def call(self, inputs: tf.Tensor) -> tf.Tensor:
+        return ops.embedding(tf.cast(inputs, tf.int32), _tensor(self.embeddings))
 
-    def get_config(self) -> dict:
-        return {
-            **super().get_config(),
-            "input_dim": self.input_dim,
-            "output_dim": self.output_dim,
-            "embeddings_constraint": _ser(self.embeddings_constraint),
-        }
+    def quantize(self, mode: Any = None, **kwargs: Any) -> None:
+        raise _no_quantization(self)
 
 
 @register
@@ -199,86 +234,93 @@ class UnitPositionEmbedding(keras.layers.Layer):
 
 
 @register
-class UnitConv1D(keras.layers.Layer):
-    """Unit-scaled ``Conv1D`` over (B, T, C), causal padding by default (see :func:`ops.conv1d`)."""
+class UnitConv1D(keras.layers.Conv1D):
+    """Unit-scaled ``keras.layers.Conv1D`` over (B, T, C), causal padding by default (see :func:`ops.conv1d`).
+
+    Conv1D's arguments with unit-scaling defaults (``kernel_initializer`` N(0, 1), ``kernel_constraint``
+    :class:`UnitScaling` per output channel, ``padding="causal"``); ``activation`` names one of
+    ``ops.ACTIVATIONS``. The scaled op covers stride 1, one group and channels-last data; other values are
+    refused at construction.
+    """
 
     def __init__(
         self,
         filters: int,
-        kernel_size: int,
+        kernel_size: int | tuple[int],
         padding: str = "causal",
-        dilation_rate: int = 1,
+        dilation_rate: int | tuple[int] = 1,
         activation: str | None = None,
         use_bias: bool = True,
+        kernel_initializer: Any = None,
         kernel_constraint: Any = _DEFAULT,
         **kwargs: Any,
     ):
-        super().__init__(**kwargs)
-        self.filters = int(filters)
-        self.kernel_size = int(kernel_size)
-        self.padding = padding
-        self.dilation_rate = int(dilation_rate)
-        self.activation = activation
-        self.use_bias = use_bias
-        self.kernel_constraint = _constraint(kernel_constraint)
+        for key, supported in (("strides", (1, (1,))), ("groups", (1,)), ("data_format", (None, "channels_last"))):
+            value = tuple(kwargs[key]) if isinstance(kwargs.get(key), list) else kwargs.get(key)
+            if key in kwargs and value not in supported:
+                raise ValueError(f"UnitConv1D supports strides=1, groups=1 and channels_last only, got {key}={value!r}")
+        super().__init__(
+            int(filters), kernel_size, padding=padding, dilation_rate=dilation_rate, activation=None,
+            use_bias=use_bias, kernel_initializer=kernel_initializer or unit_normal(),
+            kernel_constraint=_constraint(kernel_constraint), **kwargs,
+        )
+        self.scaled_activation = _scaled_activation(activation)
 
     def build(self, input_shape: tuple) -> None:
-        shape = (self.kernel_size, int(input_shape[-1]), self.filters)
-        self.kernel = _unit_weight(self, "kernel", shape, self.kernel_constraint)
-        self.bias = _zeros(self, "bias", (self.filters,)) if self.use_bias else None
+        super().build(input_shape)
+        _project(self._kernel, self.kernel_constraint)
 
-    def call(self, x: tf.Tensor) -> tf.Tensor:
-        bias = self.bias.value if self.use_bias else None
-        y = ops.conv1d(x, self.kernel.value, bias, self.padding, self.dilation_rate)
-        return y if self.activation is None else ops.activation(y, self.activation)
+    def call(self, inputs: tf.Tensor) -> tf.Tensor:
+        bias = _tensor(self.bias) if self.use_bias else None
+        y = ops.conv1d(inputs, _tensor(self.kernel), bias, self.padding, int(self.dilation_rate[0]))
+        return y if self.scaled_activation is None else ops.activation(y, self.scaled_activation)
 
-    def get_config(self) -> dict:
-        return {
-            **super().get_config(),
-            "filters": self.filters,
-            "kernel_size": self.kernel_size,
-            "padding": self.padding,
-            "dilation_rate": self.dilation_rate,
-            "activation": self.activation,
-            "use_bias": self.use_bias,
-            "kernel_constraint": _ser(self.kernel_constraint),
-        }
-
-
-class _UnitNorm(keras.layers.Layer):
-    """Shared weights of the norms: gain γ (ones) and, when ``center``, bias β (zeros); kept in float32."""
-
-    center = True
-
-    def __init__(self, epsilon: float = 1e-5, **kwargs: Any):
-        super().__init__(autocast=False, **kwargs)
-        self.epsilon = float(epsilon)
-
-    def build(self, input_shape: tuple) -> None:
-        width = (int(input_shape[-1]),)
-        self.gamma = self.add_weight(name="gamma", shape=width, initializer="ones")
-        self.beta = _zeros(self, "beta", width) if self.center else None
+    def quantize(self, mode: Any = None, **kwargs: Any) -> None:
+        raise _no_quantization(self)
 
     def get_config(self) -> dict:
-        return {**super().get_config(), "epsilon": self.epsilon}
+        return {**super().get_config(), "activation": self.scaled_activation}
+
+
+def _last_axis_only(layer: str, axis: Any) -> None:
+    if axis not in (-1, [-1], (-1,)):
+        raise ValueError(f"{layer} normalises the last axis (axis=-1) only, got axis={axis!r}")
+
+
+def _ones_gain(x: tf.Tensor) -> tf.Tensor:
+    """The gain γ = 1 of a norm built without one (``scale=False``)."""
+    return tf.ones((int(x.shape[-1]),), tf.float32)
 
 
 @register
-class UnitLayerNorm(_UnitNorm):
-    """Layer norm with a closed-form backward; ∂γ, ∂β × N^-½ (see :func:`ops.layer_norm`)."""
+class UnitLayerNorm(keras.layers.LayerNormalization):
+    """Unit-scaled ``keras.layers.LayerNormalization`` over the last axis: a closed-form backward, ∂γ and ∂β
+    × N^-½ (see :func:`ops.layer_norm`). LayerNormalization's arguments (``center``, ``scale``, initializers,
+    regularizers, constraints), ε = 1e-5 by default; computed in float32 like Keras's (``autocast=False``)."""
 
-    def call(self, x: tf.Tensor) -> tf.Tensor:
-        return ops.layer_norm(x, self.gamma.value, self.beta.value, self.epsilon)
+    def __init__(self, axis: int = -1, epsilon: float = 1e-5, **kwargs: Any):
+        _last_axis_only("UnitLayerNorm", axis)
+        super().__init__(axis=axis, epsilon=float(epsilon), **kwargs)
+
+    def call(self, inputs: tf.Tensor) -> tf.Tensor:
+        gamma = _tensor(self.gamma) if self.gamma is not None else _ones_gain(inputs)
+        beta = _tensor(self.beta) if self.beta is not None else None
+        return ops.layer_norm(inputs, gamma, beta, self.epsilon)
 
 
 @register
-class UnitRMSNorm(_UnitNorm):
-    """RMS norm with a closed-form backward; ∂γ × N^-½ (see :func:`ops.rms_norm`)."""
+class UnitRMSNorm(keras.layers.RMSNormalization):
+    """Unit-scaled ``keras.layers.RMSNormalization`` over the last axis: a closed-form backward, ∂γ × N^-½
+    (see :func:`ops.rms_norm`); the gain is RMSNormalization's ``scale`` weight. ε = 1e-5 by default;
+    computed in float32 (``autocast=False``, as the layer norm)."""
 
-    center = False
+    def __init__(self, axis: int = -1, epsilon: float = 1e-5, **kwargs: Any):
+        _last_axis_only("UnitRMSNorm", axis)
+        kwargs.setdefault("autocast", False)
+        super().__init__(axis=axis, epsilon=float(epsilon), **kwargs)
 
     def call(self, x: tf.Tensor) -> tf.Tensor:
-        return ops.rms_norm(x, self.gamma.value, self.epsilon)
+        return ops.rms_norm(x, _tensor(self.scale), self.epsilon)
 
 
 _NORMS = {"layer": UnitLayerNorm, "rms": UnitRMSNorm}
@@ -576,20 +618,12 @@ class UnitEmbeddingBag(keras.layers.Layer):
 
 
 @register
-class UnitDropout(keras.layers.Layer):
-    """``√(1−p)·dropout(x)``: unlike ``keras.layers.Dropout`` it preserves RMS (see :func:`ops.dropout`)."""
+class UnitDropout(keras.layers.Dropout):
+    """``keras.layers.Dropout`` (``rate``, ``noise_shape``, ``seed``) that preserves RMS: kept values × (1−p)^-½
+    instead of (1−p)^-1 (see :func:`ops.dropout`)."""
 
-    def __init__(self, rate: float, seed: int | None = None, **kwargs: Any):
-        super().__init__(**kwargs)
-        self.rate = float(rate)
-        self.seed = seed
-        self.seed_generator = keras.random.SeedGenerator(seed)
-
-    def call(self, x: tf.Tensor, training: bool = False) -> tf.Tensor:
-        return ops.dropout(x, self.rate, training, self.seed_generator)
-
-    def get_config(self) -> dict:
-        return {**super().get_config(), "rate": self.rate, "seed": self.seed}
+    def call(self, inputs: tf.Tensor, training: bool = False) -> tf.Tensor:
+        return ops.dropout(inputs, self.rate, training, getattr(self, "seed_generator", None), self.noise_shape)
 
 
 @register

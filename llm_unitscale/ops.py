@@ -452,8 +452,8 @@ def softmax_cross_entropy(logits: tf.Tensor, targets: tf.Tensor, mask: tf.Tensor
 
 
 # ---------------------------------------------------------------------------------------------------- norms
-def layer_norm(x: tf.Tensor, gain: tf.Tensor, bias: tf.Tensor, epsilon: float = 1e-5) -> tf.Tensor:
-    """Layer norm ``y = γ·(x − μ)/σ + β`` with a closed-form backward (computed in float32).
+def layer_norm(x: tf.Tensor, gain: tf.Tensor, bias: tf.Tensor | None, epsilon: float = 1e-5) -> tf.Tensor:
+    """Layer norm ``y = γ·(x − μ)/σ + β`` (no β when ``bias`` is None) with a closed-form backward (in float32).
 
     backward ∂x exact: (1/σ)·(gγ − mean(gγ) − x̂·mean(gγ·x̂));  ∂γ = N^-½·Σ g·x̂,  ∂β = N^-½·Σ g.
     """
@@ -563,11 +563,13 @@ def add(a: tf.Tensor, b: tf.Tensor) -> tf.Tensor:
     return (a + b) * math.sqrt(0.5)
 
 
-def dropout(x: tf.Tensor, rate: float, training: bool = False, seed: keras.random.SeedGenerator | None = None) -> tf.Tensor:
-    """``√(1−p)·dropout(x)``, i.e. kept values × (1−p)^-½ (not (1−p)^-1): preserves RMS; gradient exact."""
+def dropout(x: tf.Tensor, rate: float, training: bool = False, seed: keras.random.SeedGenerator | None = None,
+            noise_shape: tuple | None = None) -> tf.Tensor:
+    """``√(1−p)·dropout(x)``, i.e. kept values × (1−p)^-½ (not (1−p)^-1): preserves RMS; gradient exact.
+    ``noise_shape``: as in ``keras.random.dropout`` (a mask shared along the axes of size 1)."""
     if not training or rate <= 0.0:
         return x
-    return keras.random.dropout(x, rate, seed=seed) * math.sqrt(1.0 - rate)
+    return keras.random.dropout(x, rate, noise_shape=noise_shape, seed=seed) * math.sqrt(1.0 - rate)
 
 
 # ---------------------------------------------------------------------------------------------- attention

@@ -119,7 +119,7 @@ def _report(depth: int, length: int, width: int = 64) -> dict:
 #: attention output it meets, so Σ_positions y_j ⊗ g_j grows faster than √N. Measured at width 64, heads 2:
 #: up to 2.13 (depth 24, T = 128), 2.01 (depth 12, T = 512), 1.81 (depth 4, T = 2048); width 128
 #: (benchmarks/depth.py): up to 3.5 at depth 24, T = 2048.
-MIXED_GRADIENT_WEIGHTS = ("attention/value_kernel", "attention/output_kernel", "attention_norm/gamma")
+MIXED_GRADIENT_WEIGHTS = ("attention/value_kernel", "attention/output_kernel", "attention_norm/scale")
 
 
 @pytest.mark.parametrize("depth, length", [(24, 128), (12, 512), (4, 2048)])

@@ -324,3 +324,79 @@ def test_each_transformer_block_draws_its_own_dropout_masks() -> None:
     second.set_weights(first.get_weights())
     np.testing.assert_allclose(first(x).numpy(), second(x).numpy(), rtol=1e-5, atol=1e-6)  # inference: same
     assert not np.allclose(first(x, training=True).numpy(), second(x, training=True).numpy())
+
+
+# ------------------------------------------------------------------------------ the stock layers they extend
+@pytest.mark.parametrize("unit, stock", [
+    (L.UnitDense, keras.layers.Dense), (L.UnitEmbedding, keras.layers.Embedding),
+    (L.UnitConv1D, keras.layers.Conv1D), (L.UnitLayerNorm, keras.layers.LayerNormalization),
+    (L.UnitRMSNorm, keras.layers.RMSNormalization), (L.UnitDropout, keras.layers.Dropout),
+])
+def test_a_unit_layer_is_its_stock_twin(unit: type, stock: type) -> None:
+    assert issubclass(unit, stock)
+
+
+def test_stock_arguments_work_on_unit_layers() -> None:
+    """Regularizers, initializers, a per-layer dtype policy, masking and the stock config keys behave as in the
+    stock layers; only the op is scaled."""
+    x = normal((4, 16))
+    dense = L.UnitDense(8, kernel_regularizer=keras.regularizers.L2(0.1), bias_initializer="ones")
+    y = dense(x)
+    kernel = dense.kernel.numpy()
+    assert float(dense.losses[0]) == pytest.approx(0.1 * float(np.sum(kernel * kernel)), rel=1e-5)
+    np.testing.assert_allclose(y.numpy(), (x @ kernel + 1.0) / 4.0, rtol=1e-5, atol=1e-5)  # α·(xW + b), α = 16^-½
+
+    half = L.UnitDense(8, dtype="mixed_bfloat16")
+    assert half(x).dtype == tf.bfloat16 and half.kernel.dtype == "float32"
+
+    embedding = L.UnitEmbedding(10, 4, mask_zero=True)
+    tokens = np.array([[3, 5, 0, 0]], dtype=np.int32)
+    inputs = keras.Input((4,), dtype="int32")
+    pooled = keras.Model(inputs, keras.layers.GlobalAveragePooling1D()(embedding(inputs)))  # reads the mask
+    np.testing.assert_allclose(pooled(tokens).numpy()[0], embedding.embeddings.numpy()[[3, 5]].mean(0), rtol=1e-5)
+
+    norm = L.UnitLayerNorm(center=False, scale=False)
+    z = normal((3, 32), seed=1)
+    assert norm(z).shape == z.shape and not norm.weights
+    expected = (z - z.mean(-1, keepdims=True)) / np.sqrt(z.var(-1, keepdims=True) + 1e-5)
+    np.testing.assert_allclose(norm(z).numpy(), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_lora_runs_the_scaled_matmul_on_the_adapted_kernel() -> None:
+    """``lora_rank`` (Dense's): the frozen kernel plus the low-rank delta, through the same unit-scaled op."""
+    from llm_unitscale import ops
+
+    x = normal((4, 16))
+    layer = L.UnitDense(8, kernel_constraint=None, lora_rank=2)
+    layer(x)
+    layer.lora_kernel_b.assign(normal((2, 8), seed=3))
+    assert {w.path.rsplit("/", 1)[-1] for w in layer.trainable_weights} == {"bias", "lora_kernel_a", "lora_kernel_b"}
+    adapted = layer._kernel.numpy() + layer.lora_kernel_a.numpy() @ layer.lora_kernel_b.numpy()  # alpha = rank
+    np.testing.assert_allclose(layer(x).numpy(), ops.dense(tf.constant(x), tf.constant(adapted)).numpy(),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_what_the_scaled_ops_cannot_do_is_refused_clearly() -> None:
+    for layer, shape in ((L.UnitDense(4), (2, 8)), (L.UnitEmbedding(10, 4), (2, 8)), (L.UnitConv1D(4, 3), (2, 5, 8))):
+        layer.build(shape)
+        with pytest.raises(NotImplementedError, match="own unit-scaled op"):
+            layer.quantize("int8")
+    with pytest.raises(ValueError, match="strides=1"):
+        L.UnitConv1D(4, 3, strides=2)
+    with pytest.raises(ValueError, match="last axis"):
+        L.UnitRMSNorm(axis=1)
+
+
+def test_models_saved_by_the_earlier_layers_load_and_compute_the_same() -> None:
+    """Run folders written before the layers subclassed Keras's (tests/data/legacy_layers, made with the
+    layers of commit 103a429) load with today's layers and give the same outputs."""
+    from pathlib import Path
+
+    folder = Path(__file__).parent / "data" / "legacy_layers"
+    expected = np.load(folder / "expected.npz")
+    for name in ("lm_transformer", "classify_cnn", "lm_mlp"):
+        model = keras.saving.load_model(folder / f"{name}.keras")
+        np.testing.assert_allclose(model(expected["ids"]).numpy(), expected[name], rtol=1e-5, atol=1e-6,
+                                   err_msg=name)
+    block = keras.saving.load_model(folder / "layer_norm_block.keras")
+    np.testing.assert_allclose(block(expected["x"]).numpy(), expected["layer_norm_block"], rtol=1e-5, atol=1e-6)

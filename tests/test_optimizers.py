@@ -24,7 +24,7 @@ def test_umup_multipliers_by_role_transformer() -> None:
     assert m["block_3/mlp/down_kernel"] == pytest.approx((4 * width) ** -0.5 * depth**-0.5)
     assert m["readout/kernel"] == pytest.approx(width**-0.5)  # no depth factor: not in a residual branch
     assert m["readout/bias"] == 1.0
-    assert m["final_norm/gamma"] == 1.0 and m["block_2/mlp_norm/gamma"] == 1.0
+    assert m["final_norm/scale"] == 1.0 and m["block_2/mlp_norm/scale"] == 1.0
     assert set(m) == {v.path for v in model.trainable_variables}
 
 
