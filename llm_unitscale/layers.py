@@ -326,14 +326,31 @@ class UnitRMSNorm(keras.layers.RMSNormalization):
 _NORMS = {"layer": UnitLayerNorm, "rms": UnitRMSNorm}
 
 
+def _all_true(*masks: tf.Tensor | None) -> tf.Tensor | None:
+    """The logical AND of the masks given (None for none)."""
+    given = [tf.cast(m, tf.bool) for m in masks if m is not None]
+    if not given:
+        return None
+    out = given[0]
+    for m in given[1:]:
+        out = tf.logical_and(out, m)
+    return out
+
+
 @register
 class UnitMultiHeadAttention(keras.layers.Layer):
     """Unit-scaled multi-head self-attention (see :func:`ops.multi_head_attention`).
 
     Weights: query/key/value/output kernels (width, width) as in Keras's ``MultiHeadAttention`` (one per
-    projection), biases optional. ``call(x, padding_mask=None)``; padding_mask (B, T) is True for real tokens.
-    ``call(x, cache=(keys, values), cache_update_index=p)`` decodes rows p… against a key/value cache and
-    returns (output, (k, v)) of the new rows (see :func:`ops.multi_head_attention`).
+    projection), biases optional. ``call`` takes ``keras.layers.MultiHeadAttention``'s arguments for
+    self-attention: ``call(query, value=None, key=None, query_mask=None, value_mask=None, key_mask=None,
+    attention_mask=None, use_causal_mask=None)`` — ``value``/``key`` may only be the query itself (the scale
+    rules are derived for one source: cross-attention is refused, not approximated); ``use_causal_mask`` None
+    means the layer's ``causal``; ``attention_mask`` (B, T, T) is True where query i may see key j; masks are
+    True for real tokens, and Keras fills ``query_mask``/``value_mask`` from the inputs' own masks (e.g. an
+    embedding with ``mask_zero=True``) when the query is passed as value too. ``padding_mask`` (B, T) is the
+    keys' mask by our blocks' name. ``call(x, cache=(keys, values), cache_update_index=p)`` decodes rows p…
+    against a key/value cache and returns (output, (k, v)) of the new rows (see :func:`ops.multi_head_attention`).
     attention_rule: how each head's output is brought to unit scale (:func:`ops.attention_output`); a saved
     layer without the key is from a version that always used "sqrt_n", and loads with it. output_gain: a
     learnable per-channel gain on the heads' outputs (see :func:`ops.multi_head_attention`).
@@ -358,9 +375,10 @@ class UnitMultiHeadAttention(keras.layers.Layer):
         self.kernel_constraint = _constraint(kernel_constraint)
         self.attention_rule = attention_rule
         self.output_gain = bool(output_gain)
+        self.supports_masking = True  # the query's mask passes through, as in Keras's MultiHeadAttention
 
-    def build(self, x_shape: tuple, padding_mask_shape: tuple | None = None) -> None:
-        width = int(x_shape[-1])
+    def build(self, query_shape: tuple, value_shape: tuple | None = None, key_shape: tuple | None = None) -> None:
+        width = int(query_shape[-1])
         if width % self.num_heads:
             raise ValueError(f"width {width} is not divisible by num_heads {self.num_heads}")
         names = ("query", "key", "value", "output")
@@ -373,19 +391,39 @@ class UnitMultiHeadAttention(keras.layers.Layer):
 
     def call(
         self,
-        x: tf.Tensor,
+        query: tf.Tensor,
+        value: tf.Tensor | None = None,
+        key: tf.Tensor | None = None,
+        query_mask: tf.Tensor | None = None,
+        value_mask: tf.Tensor | None = None,
+        key_mask: tf.Tensor | None = None,
+        attention_mask: tf.Tensor | None = None,
+        use_causal_mask: bool | None = None,
+        training: bool | None = None,
         padding_mask: tf.Tensor | None = None,
         cache: tuple[tf.Tensor, tf.Tensor] | None = None,
         cache_update_index: tf.Tensor | int | None = None,
     ) -> tf.Tensor | tuple[tf.Tensor, tuple[tf.Tensor, tf.Tensor]]:
+        for name, source in (("value", value), ("key", key)):
+            if source is not None and source is not query:
+                raise NotImplementedError(
+                    f"UnitMultiHeadAttention is self-attention: {name} must be the query itself (its scale rules "
+                    "assume queries, keys and values projected from one source)")
+        keys = _all_true(padding_mask, value_mask, key_mask)
+        if query_mask is not None:  # a masked query sees no key (Keras's rule); its output is not used
+            rows = tf.cast(query_mask, tf.bool)[:, :, None]
+            attention_mask = rows if attention_mask is None else tf.logical_and(rows, tf.cast(attention_mask, tf.bool))
+        causal = self.causal if use_causal_mask is None else bool(use_causal_mask)
         kernels = tuple(k.value for k in self.kernels)
         biases = tuple(b.value for b in self.biases) if self.use_bias else None
         gain = self.gain.value if self.output_gain else None
-        return ops.multi_head_attention(x, kernels, biases, self.num_heads, self.causal, padding_mask,
-                                        self.attention_rule, gain, cache, cache_update_index)
+        return ops.multi_head_attention(query, kernels, biases, self.num_heads, causal, keys,
+                                        self.attention_rule, gain, cache, cache_update_index,
+                                        attention_mask=attention_mask)
 
-    def compute_output_shape(self, x_shape: tuple, padding_mask_shape: tuple | None = None) -> tuple:
-        return x_shape
+    def compute_output_shape(self, query_shape: tuple, value_shape: tuple | None = None,
+                             key_shape: tuple | None = None) -> tuple:
+        return query_shape
 
     def get_config(self) -> dict:
         return {

@@ -666,12 +666,14 @@ def attention(
     rule: str = "joint_norm",
     qk_grad: LateScale | None = None,
     source_width: int | None = None,
+    attention_mask: tf.Tensor | None = None,
 ) -> tf.Tensor:
     """Unit-scaled scaled-dot-product attention on (B, H, T, d) tensors.
 
     forward  o_i = unit(Σ_j softmax_j(q_i·k_jᵀ/d + mask)·v_j), with ``unit`` = :func:`attention_output`'s
              ``rule`` and n_i the number of keys query i may see (i+1 when causal; valid keys with a padding
-             mask). Every rule is per position, so a cached, token-by-token decode gives the same outputs.
+             mask (B, T_k); those an ``attention_mask`` (B, T_q, T_k) allows, on top). Every rule is per
+             position, so a cached, token-by-token decode gives the same outputs.
     backward exact for v; ∂q and ∂k are exact times ``qk_grad_scale`` (see :func:`attention_grad_scale`; 1 leaves
              the op exact) — or, with ``qk_grad`` (a normalising rule), times c = ``qk_grad_scale``·f̄, set into
              ``qk_grad`` so that the caller can divide its input gradient by the same c (:func:`multi_head_attention`).
@@ -703,6 +705,9 @@ def attention(
     if padding_mask is not None:
         keys = tf.cast(padding_mask, tf.bool)[:, None, None, :]
         visible = keys if visible is None else tf.logical_and(visible, keys)
+    if attention_mask is not None:
+        pairs = tf.cast(attention_mask, tf.bool)[:, None]
+        visible = pairs if visible is None else tf.logical_and(visible, pairs)
     if visible is None:
         count = tf.cast(t_k, scores.dtype)
         probs = tf.nn.softmax(scores, axis=-1)
@@ -797,9 +802,11 @@ def multi_head_attention(
     output_gain: tf.Tensor | None = None,
     cache: tuple[tf.Tensor, tf.Tensor] | None = None,
     cache_update_index: tf.Tensor | int | None = None,
+    attention_mask: tf.Tensor | None = None,
 ) -> tf.Tensor | tuple[tf.Tensor, tuple[tf.Tensor, tf.Tensor]]:
     """Self-attention block: q, k, v = dense(x); o = dense(γ ⊙ concat_heads(attention(q, k, v))) (``rule``: see
-    :func:`attention_output`; γ = ``output_gain``, one per channel, or none).
+    :func:`attention_output`; γ = ``output_gain``, one per channel, or none). ``attention_mask`` (B, T, T):
+    True where query i may see key j, on top of ``causal`` and ``padding_mask`` (:func:`attention`).
 
     With a ``cache`` (keys, values), each (B, H, S, d_head), holding positions 0…p−1 and
     ``cache_update_index`` = p, x holds the T rows at positions p…p+T−1 and attention is
@@ -836,10 +843,10 @@ def multi_head_attention(
     v = heads(dense(x, wv, bv))
     if cache is None:
         o = attention(q, k, v, causal=causal, padding_mask=padding_mask, qk_grad_scale=c, rule=rule,
-                      qk_grad=qk_grad, source_width=int(wq.shape[0]))
+                      qk_grad=qk_grad, source_width=int(wq.shape[0]), attention_mask=attention_mask)
     else:
-        if not causal or padding_mask is not None:
-            raise ValueError("a key/value cache is for causal attention without a padding mask")
+        if not causal or padding_mask is not None or attention_mask is not None:
+            raise ValueError("a key/value cache is for causal attention without a padding or attention mask")
         o = cached_attention(q, tf.cast(cache[0], q.dtype), tf.cast(cache[1], v.dtype), k, v, cache_update_index,
                              rule)
     o = tf.transpose(o, [0, 2, 1, 3])

@@ -400,3 +400,40 @@ def test_models_saved_by_the_earlier_layers_load_and_compute_the_same() -> None:
                                    err_msg=name)
     block = keras.saving.load_model(folder / "layer_norm_block.keras")
     np.testing.assert_allclose(block(expected["x"]).numpy(), expected["layer_norm_block"], rtol=1e-5, atol=1e-6)
+
+
+def test_attention_takes_keras_multi_head_attention_arguments() -> None:
+    """``call(query, value, key, …, attention_mask, use_causal_mask)`` as in keras.layers.MultiHeadAttention,
+    for self-attention: each spelling of the same mask gives the same output as our own arguments."""
+    x = tf.constant(normal((2, 6, 16)))
+    causal, full = L.UnitMultiHeadAttention(2), L.UnitMultiHeadAttention(2, causal=False)
+    reference = causal(x).numpy()
+    full(x)
+    full.set_weights(causal.get_weights())
+    np.testing.assert_allclose(causal(x, x, x).numpy(), reference, rtol=1e-6)
+    np.testing.assert_allclose(full(x, use_causal_mask=True).numpy(), reference, rtol=1e-6)
+    lower = np.tril(np.ones((6, 6), bool))[None].repeat(2, 0)
+    np.testing.assert_allclose(full(x, attention_mask=lower).numpy(), reference, rtol=1e-6)
+    assert not np.allclose(causal(x, use_causal_mask=False).numpy(), reference)
+
+    real = np.array([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]], bool)
+    padded = full(x, padding_mask=real).numpy()
+    for spelling in ({"value_mask": real}, {"key_mask": real}, {"attention_mask": real[:, None, :].repeat(6, 1)}):
+        np.testing.assert_allclose(full(x, x, **spelling).numpy(), padded, rtol=1e-6, err_msg=str(list(spelling)))
+    with pytest.raises(NotImplementedError, match="self-attention"):
+        full(x, tf.constant(normal((2, 6, 16), seed=1)))
+
+
+def test_attention_reads_the_mask_of_an_embedding_with_mask_zero() -> None:
+    """Keras fills query_mask/value_mask from the inputs' masks: padding after an embedding with mask_zero is
+    not attended to, as with an explicit padding mask."""
+    tokens = np.array([[4, 7, 2, 0, 0], [3, 3, 9, 5, 1]], np.int32)
+    inputs = keras.Input((5,), dtype="int32")
+    embedding, attention = L.UnitEmbedding(12, 8, mask_zero=True), L.UnitMultiHeadAttention(2, causal=False)
+    h = embedding(inputs)
+    model = keras.Model(inputs, attention(h, h))
+    out = model(tokens).numpy()
+    explicit = attention(embedding(tokens), padding_mask=tokens != 0).numpy()
+    np.testing.assert_allclose(out[:, :3], explicit[:, :3], rtol=1e-5, atol=1e-6)  # real queries
+    np.testing.assert_allclose(out[1], explicit[1], rtol=1e-5, atol=1e-6)
+    assert not np.allclose(out[0, :3], attention(embedding(tokens)).numpy()[0, :3], atol=1e-3)  # unmasked differs
