@@ -58,6 +58,20 @@ def test_update_size_is_lr_times_multiplier() -> None:
         assert ratio == pytest.approx(opt.multipliers_by_path[path], rel=1e-4), path
 
 
+@pytest.mark.parametrize("rule", ["uniform", "umup"])
+def test_position_lr_multiplies_the_position_tables_step_only(rule: str) -> None:
+    base = optimizers.UnitAdamW(1e-2, weight_decay=0.0, beta_2=0.99, lr_rule=rule)
+    fast = optimizers.UnitAdamW(1e-2, weight_decay=0.0, beta_2=0.99, lr_rule=rule, position_lr=3.0)
+    before, after = _one_step(base), _one_step(fast)
+    for path, delta in before.items():
+        factor = 3.0 if path.startswith("position/") else 1.0
+        np.testing.assert_allclose(after[path], factor * delta, rtol=1e-4, atol=1e-9, err_msg=path)
+    assert fast.multipliers_by_path["position/embeddings"] == pytest.approx(
+        3.0 * base.multipliers_by_path["position/embeddings"])
+    again = keras.optimizers.deserialize(keras.optimizers.serialize(fast))
+    assert again.position_lr == 3.0
+
+
 def test_uniform_rule_is_plain_adamw() -> None:
     plain = _one_step(keras.optimizers.AdamW(1e-2, weight_decay=0.0, beta_2=0.99))
     ours = _one_step(optimizers.UnitAdamW(1e-2, weight_decay=0.0, beta_2=0.99, lr_rule="uniform"))
@@ -89,6 +103,7 @@ def test_make_optimizer_follows_the_config() -> None:
     assert isinstance(unit, optimizers.UnitAdamW) and unit.lr_rule == "umup" and unit.replica_correction
     stock = make_optimizer(TrainConfig(lr_rule="umup", unit_scaling=False, strategy="none"), 1e-3, 100)
     assert stock.lr_rule == "uniform" and not stock.replica_correction
+    assert unit.position_lr == optimizers.POSITION_LR and stock.position_lr == 1.0  # the stock twin: plain AdamW
     assert float(keras.ops.convert_to_numpy(unit.learning_rate)) == 0.0  # warm-up starts at 0
     assert math.isclose(unit._learning_rate.warmup_target, 0.3)
 
