@@ -397,20 +397,20 @@ def compile_model(cfg: TrainConfig, model: Any, optimizer: keras.optimizers.Opti
     )
 
 
-#: Fewest validations in a run for which its forward pass is worth compiling with XLA. Measured on the
-#: recipe model (warpeace, 4994 windows of 64 characters, 2 cores; ``model.evaluate`` in a fresh process, three
-#: runs each): the first validation takes 7.3 s with XLA (two compilations: the full batches and the partial
-#: last one) and 6.6 s without, each later one 3.0–3.6 s with XLA and 4.4–5.0 s without (an earlier, faster
-#: machine state: 7.05 vs 4.88 s first, 2.29 vs 3.43 s later). So a run that validates once saves 0.7–2.2 s
-#: without XLA, and from the second validation on XLA is ahead.
-XLA_VALIDATIONS = 2
+#: Fewest validations in a run for which its forward pass is worth compiling with XLA. Measured by
+#: ``python benchmarks/validation_xla.py --repeats 3`` (the recipe model on warpeace's tail, 4994 windows of 64
+#: characters, fresh processes, 2 cores; medians): the first validation takes 8.15 s with XLA (two compilations:
+#: the full batches and the partial last one) and 6.00 s without, each later one 3.37 s with XLA and 4.45 s
+#: without — XLA is ahead from the third validation on (earlier measurements: 7.05 vs 4.88 s and 2.29 vs
+#: 3.43 s on a faster machine state; 7.3 vs 6.6 s and 3.0–3.6 vs 4.4–5.0 s in a first script).
+XLA_VALIDATIONS = 3
 
 
 def compile_validation(model: Any, validations: int) -> None:
     """Build the model's validation function now, with XLA only when the run validates at least
     ``XLA_VALIDATIONS`` times (``model.jit_compile`` and the training step are unchanged). Keras compiles
-    ``evaluate`` like ``fit``; a run that validates once spends more on compiling the forward pass for each
-    batch shape than XLA saves."""
+    ``evaluate`` like ``fit``; a run that validates once or twice spends more on compiling the forward pass
+    for each batch shape than XLA saves."""
     if not model.jit_compile or validations >= XLA_VALIDATIONS:
         return
     model.jit_compile = False

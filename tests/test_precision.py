@@ -275,7 +275,8 @@ def test_training_variables_exist_before_the_first_step(unit_scaling: bool, prec
     assert created == []
 
 
-@pytest.mark.parametrize("validations, validation_xla", [(1, False), (2, True), (5, True)])
+@pytest.mark.parametrize("validations, validation_xla", [
+    (1, False), (training.XLA_VALIDATIONS - 1, False), (training.XLA_VALIDATIONS, True), (20, True)])
 def test_validation_is_compiled_with_xla_only_when_the_run_validates_often(
         monkeypatch: pytest.MonkeyPatch, validations: int, validation_xla: bool) -> None:
     """compile_validation: XLA for the validation pass only from XLA_VALIDATIONS validations on; the training
