@@ -311,7 +311,7 @@ def _compile_defaults(model: keras.Model, optimizer: Any, loss: Any, char_lm: bo
         bag = model.backbone.arch == "bag"
         rate = training.BAG_LR[unit] if bag else (training.CHAR_LM_LR if char_lm else training.DEFAULT_LR)[unit]
         optimizer = optimizers.UnitAdamW(rate, beta_2=0.99, lr_rule="uniform", replica_correction=unit,
-                                         sparse_updates=bag, position_lr=optimizers.POSITION_LR if unit else 1.0)
+                                         sparse_updates=bag, position_lr=optimizers.position_lr(unit))
     if loss == "auto":
         loss = loss_for(unit)
     return optimizer, loss

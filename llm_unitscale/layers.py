@@ -19,6 +19,7 @@ import tensorflow as tf
 
 from llm_unitscale import ops
 from llm_unitscale.constraints import UnitScaling
+from llm_unitscale.precision import tensor_of
 
 _DEFAULT = "unit_scaling"
 register = keras.saving.register_keras_serializable(package="llm_unitscale")
@@ -36,11 +37,16 @@ def _constraint(value: Any, axis: int | None = None) -> keras.constraints.Constr
     return keras.constraints.get(value)
 
 
-def _unit_weight(layer: keras.layers.Layer, name: str, shape: tuple, constraint: Any) -> keras.Variable:
-    """Add an N(0, 1) weight and project it onto its constraint (Keras does not apply it at creation)."""
-    weight = layer.add_weight(name=name, shape=shape, initializer=unit_normal(), constraint=constraint)
+def _project(weight: keras.Variable, constraint: Any) -> None:
+    """Project a freshly created weight onto its constraint (Keras applies constraints only after updates)."""
     if constraint is not None:
         weight.assign(constraint(weight.value))
+
+
+def _unit_weight(layer: keras.layers.Layer, name: str, shape: tuple, constraint: Any) -> keras.Variable:
+    """Add an N(0, 1) weight and project it onto its constraint."""
+    weight = layer.add_weight(name=name, shape=shape, initializer=unit_normal(), constraint=constraint)
+    _project(weight, constraint)
     return weight
 
 
@@ -50,18 +56,6 @@ def _zeros(layer: keras.layers.Layer, name: str, shape: tuple) -> keras.Variable
 
 def _ser(constraint: Any) -> Any:
     return keras.constraints.serialize(constraint) if constraint is not None else None
-
-
-def _project(weight: keras.Variable, constraint: Any) -> None:
-    """Project a freshly created weight onto its constraint (Keras applies constraints only after updates)."""
-    if constraint is not None:
-        weight.assign(constraint(weight.value))
-
-
-def _tensor(v: Any) -> Any:
-    """A Keras variable's value (custom gradients reject Keras variables in eager calls), else ``v`` itself
-    (e.g. the kernel + LoRA delta that ``Dense.kernel`` returns once LoRA is on)."""
-    return v.value if isinstance(v, keras.Variable) else v
 
 
 def _no_quantization(layer: keras.layers.Layer) -> NotImplementedError:
@@ -109,7 +103,7 @@ class UnitDense(keras.layers.Dense):
         _project(self._kernel, self.kernel_constraint)
 
     def call(self, inputs: tf.Tensor, training: bool | None = None) -> tf.Tensor:
-        y = ops.dense(inputs, _tensor(self.kernel), _tensor(self.bias) if self.use_bias else None)
+        y = ops.dense(inputs, tensor_of(self.kernel), tensor_of(self.bias) if self.use_bias else None)
         return y if self.scaled_activation is None else ops.activation(y, self.scaled_activation)
 
     def quantize(self, mode: Any = None, **kwargs: Any) -> None:
@@ -201,7 +195,7 @@ class UnitEmbedding(keras.layers.Embedding):
         _project(self._embeddings, self.embeddings_constraint)
 
     def call(self, inputs: tf.Tensor) -> tf.Tensor:
-        return ops.embedding(tf.cast(inputs, tf.int32), _tensor(self.embeddings))
+        return ops.embedding(tf.cast(inputs, tf.int32), tensor_of(self.embeddings))
 
     def quantize(self, mode: Any = None, **kwargs: Any) -> None:
         raise _no_quantization(self)
@@ -255,15 +249,14 @@ class UnitConv1D(keras.layers.Conv1D):
         kernel_constraint: Any = _DEFAULT,
         **kwargs: Any,
     ):
-        for key, supported in (("strides", (1, (1,))), ("groups", (1,)), ("data_format", (None, "channels_last"))):
-            value = tuple(kwargs[key]) if isinstance(kwargs.get(key), list) else kwargs.get(key)
-            if key in kwargs and value not in supported:
-                raise ValueError(f"UnitConv1D supports strides=1, groups=1 and channels_last only, got {key}={value!r}")
         super().__init__(
             int(filters), kernel_size, padding=padding, dilation_rate=dilation_rate, activation=None,
             use_bias=use_bias, kernel_initializer=kernel_initializer or unit_normal(),
             kernel_constraint=_constraint(kernel_constraint), **kwargs,
         )
+        if self.strides != (1,) or self.groups != 1 or self.data_format != "channels_last":
+            raise ValueError("UnitConv1D supports strides=1, groups=1 and channels_last only, got "
+                             f"strides={self.strides}, groups={self.groups}, data_format={self.data_format!r}")
         self.scaled_activation = _scaled_activation(activation)
 
     def build(self, input_shape: tuple) -> None:
@@ -271,8 +264,8 @@ class UnitConv1D(keras.layers.Conv1D):
         _project(self._kernel, self.kernel_constraint)
 
     def call(self, inputs: tf.Tensor) -> tf.Tensor:
-        bias = _tensor(self.bias) if self.use_bias else None
-        y = ops.conv1d(inputs, _tensor(self.kernel), bias, self.padding, int(self.dilation_rate[0]))
+        bias = tensor_of(self.bias) if self.use_bias else None
+        y = ops.conv1d(inputs, tensor_of(self.kernel), bias, self.padding, int(self.dilation_rate[0]))
         return y if self.scaled_activation is None else ops.activation(y, self.scaled_activation)
 
     def quantize(self, mode: Any = None, **kwargs: Any) -> None:
@@ -303,8 +296,8 @@ class UnitLayerNorm(keras.layers.LayerNormalization):
         super().__init__(axis=axis, epsilon=float(epsilon), **kwargs)
 
     def call(self, inputs: tf.Tensor) -> tf.Tensor:
-        gamma = _tensor(self.gamma) if self.gamma is not None else _ones_gain(inputs)
-        beta = _tensor(self.beta) if self.beta is not None else None
+        gamma = tensor_of(self.gamma) if self.gamma is not None else _ones_gain(inputs)
+        beta = tensor_of(self.beta) if self.beta is not None else None
         return ops.layer_norm(inputs, gamma, beta, self.epsilon)
 
 
@@ -320,7 +313,7 @@ class UnitRMSNorm(keras.layers.RMSNormalization):
         super().__init__(axis=axis, epsilon=float(epsilon), **kwargs)
 
     def call(self, x: tf.Tensor) -> tf.Tensor:
-        return ops.rms_norm(x, _tensor(self.scale), self.epsilon)
+        return ops.rms_norm(x, tensor_of(self.scale), self.epsilon)
 
 
 _NORMS = {"layer": UnitLayerNorm, "rms": UnitRMSNorm}

@@ -79,6 +79,11 @@ import tensorflow as tf
 LR_RULES = ("uniform", "umup")
 #: The position table's learning-rate factor in unit-scaled models (module docstring, 3).
 POSITION_LR = 3.0
+
+
+def position_lr(unit_scaling: bool) -> float:
+    """The ``position_lr`` a model gets: ``POSITION_LR`` unit-scaled, 1 (plain AdamW) for the stock twin."""
+    return POSITION_LR if unit_scaling else 1.0
 _BLOCK = re.compile(r"^block_(\d+)[/_]")
 
 

@@ -224,8 +224,9 @@ def applied(precision: str) -> Iterator[None]:
         tf.config.optimizer.set_experimental_options({"remapping": remapping})
 
 
-def _tensor(v: Any) -> tf.Tensor:
-    """A Keras variable's value (custom gradients reject Keras variables in eager calls), else ``v`` itself."""
+def tensor_of(v: Any) -> tf.Tensor:
+    """A Keras variable's value (custom gradients reject Keras variables in eager calls), else ``v`` itself
+    (e.g. the kernel + LoRA delta that ``Dense.kernel`` returns once LoRA is on)."""
     return v.value if isinstance(v, keras.Variable) else v
 
 
@@ -243,9 +244,9 @@ class FP8Dense(keras.layers.Dense):
     def call(self, inputs: tf.Tensor, training: bool | None = None) -> tf.Tensor:
         if self.quantization_mode is not None:
             return super().call(inputs, training=training)
-        x = fp8_matmul(tf.matmul, inputs, _tensor(self.kernel))
+        x = fp8_matmul(tf.matmul, inputs, tensor_of(self.kernel))
         if self.bias is not None:
-            x = x + _tensor(self.bias)
+            x = x + tensor_of(self.bias)
         return self.activation(x) if self.activation is not None else x
 
 
@@ -256,9 +257,9 @@ class FP8EinsumDense(keras.layers.EinsumDense):
     def call(self, inputs: tf.Tensor, training: bool | None = None) -> tf.Tensor:
         if self.quantization_mode is not None:
             return super().call(inputs, training=training)
-        x = fp8_matmul_output(tf.einsum(self.equation, *fp8_matmul_inputs(inputs, _tensor(self.kernel))))
+        x = fp8_matmul_output(tf.einsum(self.equation, *fp8_matmul_inputs(inputs, tensor_of(self.kernel))))
         if self.bias is not None:
-            x = x + _tensor(self.bias)
+            x = x + tensor_of(self.bias)
         return self.activation(x) if self.activation is not None else x
 
 
@@ -267,7 +268,7 @@ class FP8Conv1D(keras.layers.Conv1D):
     """``keras.layers.Conv1D`` with a simulated FP8 convolution (E4M3 in, E5M2 gradient) when FP8 is on."""
 
     def convolution_op(self, inputs: tf.Tensor, kernel: Any) -> tf.Tensor:
-        inputs, kernel = fp8_matmul_inputs(inputs, _tensor(kernel))
+        inputs, kernel = fp8_matmul_inputs(inputs, tensor_of(kernel))
         return fp8_matmul_output(super().convolution_op(inputs, kernel))
 
 

@@ -374,7 +374,7 @@ def make_optimizer(cfg: TrainConfig, lr: float, total_steps: int) -> keras.optim
     return optimizers.UnitAdamW(
         schedule, weight_decay=cfg.weight_decay, beta_2=0.99, lr_rule=cfg.lr_rule if cfg.unit_scaling else "uniform",
         replica_correction=cfg.unit_scaling, sparse_updates=cfg.arch == "bag",
-        position_lr=optimizers.POSITION_LR if cfg.unit_scaling else 1.0,
+        position_lr=optimizers.position_lr(cfg.unit_scaling),
     )
 
 
