@@ -131,7 +131,8 @@ class _StockBlock:
             keys = _write(key_cache, k, pos, self.seq_axis)
             values = _write(value_cache, v, pos, self.seq_axis)
             visible = (tf.range(tf.shape(keys)[self.seq_axis]) <= pos)[None, :]
-        o, _ = precision.stock_attention(q, keys, values, visible[None])
+        with precision.scope_of(mha):  # the attention maths outside the layer follow its FP8 policy
+            o, _ = precision.stock_attention(q, keys, values, visible[None])
         x = self.attention_add([x, mha.output_dense(o)])
         h = self.mlp_down(self.mlp_up(self.mlp_norm(x)))
         return self.mlp_add([x, h]), k, v

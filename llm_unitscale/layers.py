@@ -19,7 +19,7 @@ import tensorflow as tf
 
 from llm_unitscale import ops
 from llm_unitscale.constraints import UnitScaling
-from llm_unitscale.precision import tensor_of
+from llm_unitscale.precision import PrecisionOfPolicy, tensor_of
 
 _DEFAULT = "unit_scaling"
 register = keras.saving.register_keras_serializable(package="llm_unitscale")
@@ -72,7 +72,7 @@ def _scaled_activation(activation: str | None) -> str | None:
 
 
 @register
-class UnitDense(keras.layers.Dense):
+class UnitDense(PrecisionOfPolicy, keras.layers.Dense):
     """Unit-scaled ``keras.layers.Dense``: ``act(α·(xW + b))``, α = fan_in^-½ (see :func:`ops.dense`).
 
     Dense's own arguments and behaviour, with unit-scaling defaults: ``kernel_initializer`` N(0, 1) and
@@ -114,7 +114,7 @@ class UnitDense(keras.layers.Dense):
 
 
 @register
-class UnitReadout(keras.layers.Layer):
+class UnitReadout(PrecisionOfPolicy, keras.layers.Layer):
     """Projection to logits with a bias (see :func:`ops.readout`).
 
     The one weight that does *not* start at unit scale and carries no constraint by default: the kernel
@@ -228,7 +228,7 @@ class UnitPositionEmbedding(keras.layers.Layer):
 
 
 @register
-class UnitConv1D(keras.layers.Conv1D):
+class UnitConv1D(PrecisionOfPolicy, keras.layers.Conv1D):
     """Unit-scaled ``keras.layers.Conv1D`` over (B, T, C), causal padding by default (see :func:`ops.conv1d`).
 
     Conv1D's arguments with unit-scaling defaults (``kernel_initializer`` N(0, 1), ``kernel_constraint``
@@ -331,7 +331,7 @@ def _all_true(*masks: tf.Tensor | None) -> tf.Tensor | None:
 
 
 @register
-class UnitMultiHeadAttention(keras.layers.Layer):
+class UnitMultiHeadAttention(PrecisionOfPolicy, keras.layers.Layer):
     """Unit-scaled multi-head self-attention (see :func:`ops.multi_head_attention`).
 
     Weights: query/key/value/output kernels (width, width) as in Keras's ``MultiHeadAttention`` (one per
@@ -435,7 +435,7 @@ class UnitMultiHeadAttention(keras.layers.Layer):
 
 
 @register
-class UnitMLP(keras.layers.Layer):
+class UnitMLP(PrecisionOfPolicy, keras.layers.Layer):
     """Feed-forward branch width → mlp_ratio·width → width with a constrained activation (:func:`ops.mlp`)."""
 
     def __init__(
@@ -476,7 +476,7 @@ class UnitMLP(keras.layers.Layer):
 
 
 @register
-class UnitTransformerBlock(keras.layers.Layer):
+class UnitTransformerBlock(PrecisionOfPolicy, keras.layers.Layer):
     """Pre-norm transformer block: x ← res(x, attn(norm(x))); x ← res(x, mlp(norm(x))), res = ops.residual_add.
 
     tau: the residual branch weight τ of ``y = (τ·f(x) + x)/√(1+τ²)`` for the attention branch, and for the

@@ -17,10 +17,12 @@
   :func:`fp8_matmul_inputs`, :func:`fp8_matmul_output`). Accumulation, norms, softmax, residual adds, the
   embedding lookup (a gather: exact in any format, its output is rounded where it enters the first matmul) and
   the loss (float32, from the logits; its gradient is rounded at the readout's output) stay float32, as on FP8
-  hardware, which multiplies FP8 and accumulates in float32. The switch is read by the ops *at trace time*
-  (:func:`set_fp8`, :func:`fp8`): a model traced while it is off computes in plain float32. A model trained in
-  fp8 saves and loads like any other, and ``predict.py``/``evaluate.py`` run it in float32 (more precise than
-  the training format, never less); wrap the calls in ``with precision.fp8():`` to infer in simulated FP8.
+  hardware, which multiplies FP8 and accumulates in float32. The precision belongs to the model: its layers are
+  built with :class:`SimulatedFP8Policy`, which ``model.keras`` saves, and each such layer switches the
+  rounding on while it computes (:class:`PrecisionOfPolicy`; the ops read the switch *at trace time*), so a
+  loaded fp8 run predicts and evaluates in simulated FP8 beside float32 models in the same process. Runs saved
+  before the policy existed load as float32 models; ``runs.load_run`` gives them the policy back from their
+  ``config.json``. ``with precision.fp8():`` turns the rounding on for any model traced inside it.
 - ``keras-float8``: stock Keras's own float8 training for comparison (``model.quantize("float8")``: Dense and
   EinsumDense only, delayed per-tensor scaling from an amax history). Baseline models only, and for
   benchmarks only (``TrainConfig``, not a ``train.py`` choice): Keras 3.15 saves such a model but cannot load it
@@ -47,7 +49,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-#: --precision choice → the Keras dtype policy of the model.
+#: --precision choice → the Keras dtype policy of the model (fp8: :class:`SimulatedFP8Policy`, named float32).
 POLICIES = {
     "float32": "float32",
     "bfloat16": "mixed_bfloat16",
@@ -165,6 +167,61 @@ def fp8(enabled: bool = True) -> Iterator[None]:
         set_fp8(previous)
 
 
+# ------------------------------------------------------------------------------- FP8 as a model's own setting
+_register = keras.saving.register_keras_serializable(package="llm_unitscale")
+
+
+@_register
+class SimulatedFP8Policy(keras.DTypePolicy):
+    """The dtype policy of a layer trained in simulated FP8: float32 variables and compute, with the layer's
+    matmuls simulated in FP8 (E4M3 operands, E5M2 gradients) whenever it is called.
+
+    ``--precision fp8`` builds every layer with it (as ``mixed_bfloat16`` builds every layer with that policy),
+    so a model carries its precision: ``model.keras`` saves the policy with each layer's config, and the loaded
+    model computes in simulated FP8 wherever it is called — ``predict.py``, ``evaluate.py``, the Python API —
+    while a float32 model in the same process stays float32. Its name is ``"float32"`` (the dtype of its
+    variables and compute); the class is what tells the two apart.
+    """
+
+    def __init__(self, name: str = "float32"):
+        if name != "float32":
+            raise ValueError(f"SimulatedFP8Policy computes in float32, got {name!r}")
+        super().__init__("float32")
+
+
+def uses_fp8(layer: keras.layers.Layer) -> bool:
+    """Whether ``layer``'s dtype policy is :class:`SimulatedFP8Policy`."""
+    return isinstance(layer.dtype_policy, SimulatedFP8Policy)
+
+
+def model_uses_fp8(model: keras.Model) -> bool:
+    """Whether any layer of ``model`` computes in simulated FP8 (a model built or saved with ``--precision fp8``)."""
+    return any(uses_fp8(layer) for layer in model._flatten_layers(include_self=True))
+
+
+def scope_of(layer: keras.layers.Layer) -> contextlib.AbstractContextManager:
+    """Simulated FP8 on while ``layer`` (and every layer it calls) computes, if its policy says FP8; otherwise
+    the surrounding setting, unchanged (an FP8 block's sublayers follow it whatever their own policy)."""
+    return fp8(True) if uses_fp8(layer) else contextlib.nullcontext()
+
+
+class PrecisionOfPolicy:
+    """Mixin for layers with FP8-aware matmuls: a :class:`SimulatedFP8Policy` switches simulated FP8 on for the
+    layer's call, and survives ``from_config`` (Keras turns every non-quantized policy back into its name
+    there, which would make an FP8 layer a float32 one on loading)."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        with scope_of(self):
+            return super().__call__(*args, **kwargs)
+
+    @classmethod
+    def from_config(cls, config: dict) -> Any:
+        dtype = config.get("dtype")
+        if isinstance(dtype, dict) and dtype.get("class_name") == SimulatedFP8Policy.__name__:
+            config = {**config, "dtype": keras.dtype_policies.deserialize(dtype)}
+        return super().from_config(config)
+
+
 def fp8_matmul_inputs(*tensors: tf.Tensor) -> tuple[tf.Tensor, ...]:
     """The operands of a matmul, rounded to E4M3 (straight-through gradient) when FP8 is on; else unchanged.
 
@@ -196,13 +253,14 @@ def fp8_matmul(fn: Callable[..., tf.Tensor], a: tf.Tensor, b: tf.Tensor, **kwarg
 def apply(precision: str) -> None:
     """Make ``precision`` (one of :data:`PRECISIONS`) the process-wide setting, as ``set_global_policy`` does.
 
-    Sets the Keras global dtype policy and the FP8 switch. For float16 it also turns off Grappler's
+    Sets the Keras global dtype policy (for fp8 :class:`SimulatedFP8Policy`, so the layers built next carry
+    it) and the FP8 switch (for what is traced outside a layer, e.g. the loss). For float16 it also turns off Grappler's
     remapping pass: it fuses MatMul+BiasAdd into a oneDNN op that runs a float16 reference kernel ~1000×
     slower on CPU (FACTS); other precisions switch the pass back on.
     """
     if precision not in POLICIES:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    keras.mixed_precision.set_global_policy(POLICIES[precision])
+    keras.mixed_precision.set_global_policy(SimulatedFP8Policy() if precision == "fp8" else POLICIES[precision])
     set_fp8(precision == "fp8")
     tf.config.optimizer.set_experimental_options({"remapping": precision != "float16"})
 
@@ -232,13 +290,12 @@ def tensor_of(v: Any) -> tf.Tensor:
 
 # ------------------------------------------------------------------ stock Keras layers with FP8 matmuls
 # The baseline in fp8 needs the same simulated casts in its matmuls, without any scaling. These subclasses of
-# the stock layers differ from them only when FP8 is on at trace time; models.build_model uses them for the
-# baseline only when it builds under FP8, so other baselines stay pure stock Keras.
-_register = keras.saving.register_keras_serializable(package="llm_unitscale")
+# the stock layers differ from them only when FP8 is on at trace time (their own policy or a caller's); models.
+# build_model uses them for the baseline only when it builds under FP8, so other baselines stay pure stock Keras.
 
 
 @_register
-class FP8Dense(keras.layers.Dense):
+class FP8Dense(PrecisionOfPolicy, keras.layers.Dense):
     """``keras.layers.Dense`` whose matmul is simulated FP8 when FP8 is on (E4M3 in, E5M2 gradient)."""
 
     def call(self, inputs: tf.Tensor, training: bool | None = None) -> tf.Tensor:
@@ -251,7 +308,7 @@ class FP8Dense(keras.layers.Dense):
 
 
 @_register
-class FP8EinsumDense(keras.layers.EinsumDense):
+class FP8EinsumDense(PrecisionOfPolicy, keras.layers.EinsumDense):
     """``keras.layers.EinsumDense`` (the projections of ``MultiHeadAttention``) with a simulated FP8 einsum."""
 
     def call(self, inputs: tf.Tensor, training: bool | None = None) -> tf.Tensor:
@@ -264,7 +321,7 @@ class FP8EinsumDense(keras.layers.EinsumDense):
 
 
 @_register
-class FP8Conv1D(keras.layers.Conv1D):
+class FP8Conv1D(PrecisionOfPolicy, keras.layers.Conv1D):
     """``keras.layers.Conv1D`` with a simulated FP8 convolution (E4M3 in, E5M2 gradient) when FP8 is on."""
 
     def convolution_op(self, inputs: tf.Tensor, kernel: Any) -> tf.Tensor:
@@ -273,7 +330,7 @@ class FP8Conv1D(keras.layers.Conv1D):
 
 
 @_register
-class FP8MultiHeadAttention(keras.layers.MultiHeadAttention):
+class FP8MultiHeadAttention(PrecisionOfPolicy, keras.layers.MultiHeadAttention):
     """``keras.layers.MultiHeadAttention`` with simulated FP8 in all six matmuls when FP8 is on.
 
     The four projections become :class:`FP8EinsumDense` (same variables, same config); the attention is the

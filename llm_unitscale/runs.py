@@ -180,7 +180,20 @@ def load_run(path: str | os.PathLike) -> Run:
         raise RunError(f"{folder / MODEL}: cannot load the model ({type(exc).__name__}: {_first_line(exc)})") from exc
     if int(model.outputs[0].shape[-1]) != (len(vocab) if config["task"] == "lm" else len(config["labels"])):
         raise RunError(f"{folder / MODEL}: the model's output size does not match {VOCAB} / the labels")
+    if config.get("precision") == "fp8":
+        _restore_fp8_policy(model)
     return Run(folder, config, tokenizer, vocab, model)
+
+
+def _restore_fp8_policy(model: Any) -> None:
+    """A run trained in fp8 computes in simulated FP8 when loaded: its layers carry
+    :class:`~llm_unitscale.precision.SimulatedFP8Policy` in ``model.keras``; runs saved before that policy
+    existed get it here from their ``config.json``."""
+    from llm_unitscale import precision
+
+    if not precision.model_uses_fp8(model):
+        for layer in model._flatten_layers(include_self=True):
+            layer.dtype_policy = precision.SimulatedFP8Policy()
 
 
 def _first_line(exc: BaseException) -> str:

@@ -80,7 +80,7 @@ def float32_shadow(*models: keras.Model) -> Iterator[None]:
     for model in models:
         for layer in model._flatten_layers(include_self=True):
             policy = layer.dtype_policy
-            if policy.quantization_mode is None and policy.name != "float32":
+            if policy.quantization_mode is None and policy != keras.DTypePolicy("float32"):  # fp8's is float32 too
                 saved.append((layer, policy))
                 layer.dtype_policy = "float32"
     try:

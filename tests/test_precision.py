@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from llm_unitscale import cli, models, ops, precision, training
+from llm_unitscale import cli, decoding, models, ops, precision, training
 from llm_unitscale.runs import load_run
+from llm_unitscale.scale_tracker import float32_shadow
 
 
 @pytest.fixture(autouse=True)
@@ -308,7 +309,7 @@ def test_validation_is_compiled_with_xla_only_when_the_run_validates_often(
         history.history["val_loss"][0], rel=1e-5)
 
 
-@pytest.mark.parametrize("unit_scaling, arch", [(True, "transformer"), (False, "cnn")])
+@pytest.mark.parametrize("unit_scaling, arch", [(True, "transformer"), (False, "cnn"), (False, "transformer")])
 def test_fp8_run_tracks_scales_saves_and_loads(tmp_path: Path, unit_scaling: bool, arch: str) -> None:
     cfg = training.TrainConfig(
         data=str(_corpus(tmp_path / "c.txt")), out=str(tmp_path / "run"), task="lm", arch=arch, max_steps=3,
@@ -320,10 +321,42 @@ def test_fp8_run_tracks_scales_saves_and_loads(tmp_path: Path, unit_scaling: boo
     scales = json.loads((tmp_path / "run" / "scales.json").read_text())
     assert [r["step"] for r in scales["records"]] == [0, 2, 3]
     assert (tmp_path / "run" / "scales.png").stat().st_size > 10_000
-    precision.apply("float32")  # a model trained in fp8 loads and predicts in full precision
+    precision.apply("float32")  # the process is float32; the loaded model keeps computing in simulated FP8
     run = load_run(tmp_path / "run")
-    assert run.config["precision"] == "fp8"
-    assert np.all(np.isfinite(run.model(np.arange(1, 9, dtype=np.int32)[None]).numpy()))
+    assert run.config["precision"] == "fp8" and precision.model_uses_fp8(run.model)
+    ids = np.arange(1, 9, dtype=np.int32)[None]
+    in_fp8 = run.model(ids).numpy()
+    assert np.all(np.isfinite(in_fp8))
+    with float32_shadow(run.model):
+        in_float32 = run.model(ids).numpy()
+    assert np.abs(in_fp8 - in_float32).max() > 1e-4  # the rounding is there by the model's own policy
+    if arch == "transformer":  # cached decoding (the blocks' layers and the stock attention maths) follows it
+        cached, _ = decoding.KVCacheDecoder(run.model, jit_compile=False).prefill(ids)
+        np.testing.assert_allclose(cached.numpy(), in_fp8, atol=1e-4)
+    # a run saved before the FP8 policy existed (float32 policies in model.keras) gets it from config.json
+    legacy = keras.models.load_model(tmp_path / "run" / "model.keras", compile=False)
+    for layer in legacy._flatten_layers(include_self=True):
+        layer.dtype_policy = "float32"
+    legacy.save(tmp_path / "run" / "model.keras")
+    assert not precision.model_uses_fp8(keras.models.load_model(tmp_path / "run" / "model.keras", compile=False))
+    np.testing.assert_allclose(load_run(tmp_path / "run").model(ids).numpy(), in_fp8, atol=1e-6)
+
+
+def test_models_of_different_precisions_compute_side_by_side() -> None:
+    """FP8 is a setting of the model (its layers' dtype policy), not of the process: an fp8 model and a float32
+    twin with the same weights, called in turn, each compute in their own format, saved or not."""
+    with precision.applied("fp8"):
+        fp8_model = models.build_model(vocab_size=40, seq_len=8, width=16, depth=1, heads=2)
+    float32_model = models.build_model(vocab_size=40, seq_len=8, width=16, depth=1, heads=2)
+    float32_model.set_weights(fp8_model.get_weights())
+    ids = np.arange(4, 12, dtype=np.int32)[None]
+    with precision.fp8():
+        reference_fp8 = float32_model(ids).numpy()
+    reference_float32 = float32_model(ids).numpy()
+    assert np.abs(reference_fp8 - reference_float32).max() > 1e-4
+    np.testing.assert_array_equal(fp8_model(ids).numpy(), reference_fp8)
+    np.testing.assert_array_equal(float32_model(ids).numpy(), reference_float32)
+    assert not precision.uses_fp8(keras.layers.Dense(2)) and not precision.fp8_enabled()  # nothing leaked
 
 
 def test_loss_scaling_wraps_the_optimizer() -> None:
