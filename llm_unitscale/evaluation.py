@@ -22,7 +22,10 @@ def lm_chunks(ids: np.ndarray, seq_len: int) -> list[np.ndarray]:
 
 
 def evaluate_lm(run: Run, text: str, batch_size: int = 32) -> dict:
-    """Mean NLL (nats/token), perplexity, top-1/top-5 accuracy, bits per character, per-position loss."""
+    """Mean NLL (nats/token), perplexity, top-1/top-5 accuracy, bits per character, per-position loss.
+
+    Perplexity is exp(mean NLL) of the one pass that also counts accuracy, bits per character and the loss per
+    position (``keras_hub.metrics.Perplexity`` would compute the same from the logits, as a second metric)."""
     ids = lm_ids(run.tokenizer, run.vocab, text)
     if len(ids) < 2:
         raise data_mod.DataError("the evaluation text has fewer than 2 tokens")

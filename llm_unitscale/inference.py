@@ -65,7 +65,11 @@ def next_tokens(run: Run, text: str, top_k: int = 5) -> dict:
 
 
 def sample(probs: np.ndarray, rng: np.random.Generator, temperature: float = 1.0, top_p: float = 1.0) -> int:
-    """Draw a token id from ``probs`` with temperature (0 = greedy) and nucleus (top-p) filtering."""
+    """Draw a token id from ``probs`` with temperature (0 = greedy) and nucleus (top-p) filtering.
+
+    predict.py's sampler, in numpy, one token at a time: its continuations go past the model's context (a
+    sliding window), which KerasHub's samplers — run by ``CausalLM.generate`` inside one compiled loop over a
+    buffer no longer than the context — do not, and the scripts do not import KerasHub (≈ 1 s)."""
     if temperature <= 0:
         return int(np.argmax(probs))
     logp = np.log(np.maximum(probs, 1e-300)) / temperature

@@ -62,7 +62,11 @@ class CausalWindow(keras.layers.Layer):
 
 @keras.saving.register_keras_serializable(package="llm_unitscale")
 class PositionEmbedding(keras.layers.Layer):
-    """Stock learned position embedding for the baseline: ``x + keras.layers.Embedding(length, d)(0..T−1)``."""
+    """Stock learned position embedding for the baseline: ``x + keras.layers.Embedding(length, d)(0..T−1)``.
+
+    The maths of ``keras_hub.layers.PositionEmbedding`` (a learned table, added); ours because the baseline
+    must build without KerasHub, an optional dependency that the scripts do not import (≈ 1 s of start-up).
+    ``start`` is the decoding offset of the key/value cache (KerasHub's ``start_index``)."""
 
     def __init__(self, sequence_length: int, **kwargs: Any):
         super().__init__(**kwargs)
@@ -248,6 +252,12 @@ class _StockKit:
         return keras.layers.Dropout(rate) if rate else keras.layers.Identity()
 
     def block(self, heads: int, ratio: int, taus: tuple[float, float], causal: bool, rate: float, name: str) -> Any:
+        """A pre-norm block of stock layers: x + MHA(LN(x)), then x + Dense(GELU-Dense(LN(x))) — what
+        ``keras_hub.layers.TransformerDecoder(normalize_first=True)`` computes, built from named stock layers
+        instead, because FP8 runs need the FP8 subclasses of Dense and MultiHeadAttention in it (the decoder
+        builds its own), the scale report and tracker show each piece by name, and the model must build
+        without KerasHub."""
+
         def apply(x: Any, mask: Any) -> Any:
             width = int(x.shape[-1])
             drop = keras.layers.Dropout(rate, name=f"{name}_dropout")
