@@ -37,7 +37,9 @@ twin with ``unit_scaling=False``):
 ``compile()`` defaults to what ``train.py`` uses: :class:`optimizers.UnitAdamW` at the task's default rate, the
 unit-scaled loss (or Keras's for the stock twin), weighted accuracy. ``from_run``/``save_to_run`` keep the run
 folder as the unit of storage (``config.json``, ``vocab.pkl``, ``model.keras`` — a plain ids → logits network,
-what predict.py and evaluate.py load). KerasHub's presets (``from_preset``/``save_to_preset``) are not used.
+what predict.py and evaluate.py load). KerasHub's preset folders work too (``save_to_preset(dir)`` /
+``CausalLM.from_preset(dir)``, ``TextClassifier.from_preset(dir)``): the tokenizer's config holds its vocabulary
+and BPE model, so it needs no asset files; the scripts read run folders only.
 """
 
 from __future__ import annotations
@@ -145,6 +147,13 @@ class UnitTokenizer(keras_hub.tokenizers.Tokenizer):
     def get_config(self) -> dict:
         return {**super().get_config(), "tokenizer": self.tokenizer_config, "vocabulary": self.get_vocabulary(),
                 "bpe_json": self.bpe_json}
+
+    def save_assets(self, dir_path: str) -> None:
+        """Nothing to write: a KerasHub preset's ``tokenizer.json`` is :meth:`get_config`, which already holds the
+        vocabulary and the BPE model (KerasHub's own tokenizers keep their vocabulary files as assets)."""
+
+    def load_preset_assets(self, preset: str) -> None:
+        """Nothing to read (see :meth:`save_assets`)."""
 
 
 # --------------------------------------------------------------------------------------------------- preprocessors

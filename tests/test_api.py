@@ -49,7 +49,10 @@ lm.compile(sampler="greedy")
 greedy = lm.generate(["The ", "A man said"], max_length=28)
 lm.compile(sampler=keras_hub.samplers.TopPSampler(p=0.9, seed=7))
 top_p = lm.generate(["The "], max_length=28)
-print(json.dumps({"greedy": greedy, "top_p": top_p}))
+lm.save_to_preset(sys.argv[2])  # and through a KerasHub preset folder
+from_preset = lu.CausalLM.from_preset(sys.argv[2])
+from_preset.compile(sampler="greedy")
+print(json.dumps({"greedy": greedy, "top_p": top_p, "preset": from_preset.generate(["The ", "A man said"], max_length=28)}))
 """
 
 _CLASSIFIER_BUILD = """
@@ -84,7 +87,10 @@ import json, sys
 import llm_unitscale as lu
 classifier = lu.TextClassifier.from_run(sys.argv[1])
 texts = json.loads(sys.argv[2])
-print(json.dumps({"probs": classifier.predict(texts, verbose=0).tolist(), "labels": classifier.labels}))
+classifier.save_to_preset(sys.argv[3])  # and through a KerasHub preset folder
+from_preset = lu.TextClassifier.from_preset(sys.argv[3])
+print(json.dumps({"probs": classifier.predict(texts, verbose=0).tolist(), "labels": classifier.labels,
+                  "preset_probs": from_preset.predict(texts, verbose=0).tolist(), "preset_labels": from_preset.labels}))
 """
 
 
@@ -103,8 +109,9 @@ def test_causal_lm_fits_generates_and_round_trips_through_a_run_folder(tmp_path:
     assert len(built["greedy"]) == 2 and built["greedy"][0].startswith("The ")
     assert built["greedy"][1].startswith("A man said")
     assert len(built["greedy"][0]) > len("The ")  # something was generated
-    loaded = _python(_LM_LOAD, str(run))
-    assert loaded == {"greedy": built["greedy"], "top_p": built["top_p"]}
+    loaded = _python(_LM_LOAD, str(run), str(tmp_path / "lm_preset"))
+    assert loaded == {"greedy": built["greedy"], "top_p": built["top_p"], "preset": built["greedy"]}
+    assert (tmp_path / "lm_preset" / "tokenizer.json").is_file()
 
     # the folder is a run of the scripts: predict.py's greedy continuation is the API's greedy generation
     out = ok_json(script("predict", "The ", "--model", str(run), "--generate", "23", "--temperature", "0", "--json"))
@@ -118,9 +125,10 @@ def test_text_classifier_fits_predicts_probabilities_and_round_trips(tmp_path: P
     probs = np.array(built["probs"])
     assert probs.shape == (8, len(built["labels"])) and np.allclose(probs.sum(-1), 1.0) and (probs >= 0).all()
     assert built["accuracy"] > 0.8  # fits its own training lines
-    loaded = _python(_CLASSIFIER_LOAD, str(run), json.dumps(built["texts"]))
-    assert loaded["labels"] == built["labels"]
+    loaded = _python(_CLASSIFIER_LOAD, str(run), json.dumps(built["texts"]), str(tmp_path / "classifier_preset"))
+    assert loaded["labels"] == loaded["preset_labels"] == built["labels"]
     np.testing.assert_allclose(loaded["probs"], probs, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(loaded["preset_probs"], probs, rtol=1e-5, atol=1e-6)
 
     out = ok_json(script("predict", built["texts"][0], "--model", str(run), "--json"))
     best = int(np.argmax(probs[0]))
