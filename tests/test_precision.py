@@ -3,6 +3,7 @@ under/overflow counts, and every precision mode training a tiny model without Na
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 from pathlib import Path
@@ -333,6 +334,12 @@ def test_fp8_run_tracks_scales_saves_and_loads(tmp_path: Path, unit_scaling: boo
     if arch == "transformer":  # cached decoding (the blocks' layers and the stock attention maths) follows it
         cached, _ = decoding.KVCacheDecoder(run.model, jit_compile=False).prefill(ids)
         np.testing.assert_allclose(cached.numpy(), in_fp8, atol=1e-4)
+    if arch == "transformer" and importlib.util.find_spec("keras_hub"):  # and so does the Python API
+        from llm_unitscale import hub
+
+        lm = hub.CausalLM.from_run(tmp_path / "run")
+        assert precision.model_uses_fp8(lm.network)
+        np.testing.assert_array_equal(lm.network(ids).numpy(), in_fp8)
     # a run saved before the FP8 policy existed (float32 policies in model.keras) gets it from config.json
     legacy = keras.models.load_model(tmp_path / "run" / "model.keras", compile=False)
     for layer in legacy._flatten_layers(include_self=True):
