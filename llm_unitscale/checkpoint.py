@@ -21,13 +21,15 @@ memory at the next save if that evaluation did not save), and the best step, its
 of evaluations since are part of ``state.json``. So a run killed and resumed ends with the same best weights and
 stops at the same evaluation as an uninterrupted one.
 
-When to save: every ``every_steps`` steps when set (``--checkpoint-every``), at an evaluation when at least
-``min_seconds`` (``--checkpoint-seconds``, default 60) have passed since the last save, after the last
-evaluation (so that a failed publish, e.g. a full disk, resumes with nothing to repeat), and when interrupted.
-A classifier's epoch takes seconds and its checkpoint (a hashed n-gram table and Adam's two moments: 91 MB on
-AG News) 0.3–0.8 s to write: saving at every evaluation cost 3–7 s of a 35-second run. A run killed with SIGKILL
-repeats the steps since its last save, about a minute at most (the batches are a function of the step, so it
-still ends where the uninterrupted run ends).
+When to save: every ``every_steps`` steps when set (``--checkpoint-every``; default 0, none by step count),
+at the first step or evaluation after ``min_seconds`` (``--checkpoint-seconds``, default 60) have passed since
+the last save, after the last evaluation (so that a failed publish, e.g. a full disk, resumes with nothing to
+repeat), and when interrupted. A save costs the same at any size of step: a classifier's checkpoint (a hashed
+n-gram table and Adam's two moments: 91 MB on AG News) takes 0.3–0.8 s to write, and saving at every
+evaluation cost 3–7 s of a 35-second run; the character recipe's (818k parameters and Adam's moments) takes
+80–130 ms, and saving every 100 steps (the earlier default) cost 1.6–2.6 s of a 60-second run. A run killed with
+SIGKILL repeats the steps since its last save, about a minute at most (the batches are a function of the step,
+so it still ends where the uninterrupted run ends).
 
 Files in ``checkpoints/``: ``step-N.keras`` (model and optimizer variables, ``runs.atomic_save_model``: Keras
 builds the HDF5 part in memory and a full disk fails in Python's I/O, once, not inside h5py, whose
@@ -163,9 +165,9 @@ def segments(state: TrainingState, periods: list[int]) -> list[tuple[int, int, i
 
 
 class ResumableCheckpoint(keras.callbacks.Callback):
-    """Saves the training state every ``every_steps`` steps (0: never between validations), at the end of an
-    evaluation period once ``min_seconds`` have passed since the last save, after the last period, and when
-    interrupted.
+    """Saves the training state every ``every_steps`` steps (0: not by step count), at any step or evaluation
+    once ``min_seconds`` have passed since the last save (0: at every evaluation, never by time between them),
+    after the last period, and when interrupted.
 
     Set ``interrupted`` (the SIGINT handler of :func:`stop_on_sigint` does) to save at the end of the current
     batch and stop training. A non-finite loss is never saved: ``nan_step`` records where it happened and the
@@ -205,7 +207,7 @@ class ResumableCheckpoint(keras.callbacks.Callback):
         self.state.step += 1
         self.state.batch += 1
         self.state.epoch_means = self._whole_epoch(logs or {})
-        if interrupted or self.every_steps and self.state.step % self.every_steps == 0:
+        if interrupted or self.step_save_due():
             if interrupted or not self.period_complete(self.state.epoch):
                 self.save()
             else:  # the evaluation comes next: its save holds the period's outcome (a state saved between the
@@ -213,6 +215,13 @@ class ResumableCheckpoint(keras.callbacks.Callback):
         if interrupted:
             self._saved_on_interrupt = True
             self.model.stop_training = True
+
+    def step_save_due(self) -> bool:
+        """Whether the step just taken saves: every ``every_steps`` steps, or once ``min_seconds`` (> 0) have
+        passed since the last save."""
+        if self.every_steps and self.state.step % self.every_steps == 0:
+            return True
+        return self.min_seconds > 0 and time.monotonic() - self._last_save >= self.min_seconds
 
     def period_complete(self, epoch: int) -> bool:
         """Whether Keras epoch ``epoch`` (an evaluation period) ran all its steps without a NaN loss."""
@@ -380,6 +389,8 @@ class TensorBoardLogs(keras.callbacks.TensorBoard):
         self._guarded(super().on_train_begin, logs)
 
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        if self.update_freq == "epoch" and not self._should_trace:
+            return  # Keras would call tf.summary.scalar for each log with no writer set: ≈ 0.8 ms a step
         self._guarded(super().on_train_batch_end, batch, logs)
 
     def on_test_end(self, logs: dict | None = None) -> None:

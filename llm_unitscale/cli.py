@@ -242,11 +242,11 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--deterministic", action="store_true",
                    help="TensorFlow's op determinism (bit-identical reruns on GPU; CPU runs already are)")
     p.add_argument("--checkpoint-every", type=int, default=None, metavar="STEPS",
-                   help="save a resumable checkpoint every STEPS steps (default 100 lm, 0 = none between "
-                   "validations for a classifier, whose epochs take seconds)")
+                   help="also save a resumable checkpoint every STEPS steps (default 0: by time only, "
+                   "--checkpoint-seconds)")
     p.add_argument("--checkpoint-seconds", type=float, default=60.0, metavar="S",
-                   help="a validation also saves one when S seconds have passed since the last (default 60; "
-                   "0 = at every validation); Ctrl-C always saves")
+                   help="save one at the first step or validation S seconds after the last save (default 60; "
+                   "0 = at every validation and never by time between them); Ctrl-C always saves")
     p.add_argument("--log-every", type=int, default=0, metavar="STEPS",
                    help="print step, loss, ms/step and tokens/s every STEPS steps (default 0: every 5 seconds)")
     p.add_argument("--overwrite", action="store_true",

@@ -42,7 +42,7 @@ BAG_LR = {True: 3e-2, False: 3e-3}
 #: settings chosen by measurement (README, "Choosing the classifier's defaults").
 TASK_DEFAULTS: dict[str, dict[str, Any]] = {
     "lm": dict(arch="transformer", tokenizer="word", lowercase=False, epochs=30, batch_size=16, seq_len=64,
-               width=128, dropout=0.0, embeddings="word2vec", patience=5, jit_compile=True, checkpoint_every=100),
+               width=128, dropout=0.0, embeddings="word2vec", patience=5, jit_compile=True, checkpoint_every=0),
     "classify": dict(arch="bag", tokenizer="wordpunct", lowercase=True, epochs=10, batch_size=64, seq_len=1000,
                      width=64, dropout=0.0, embeddings="none", patience=2, jit_compile=False, checkpoint_every=0),
 }
@@ -105,8 +105,8 @@ class TrainConfig:
     encoding: str = "utf-8"
     errors: str = "strict"
     resume: bool = False
-    checkpoint_every: int | None = None  # also save a checkpoint every N steps (0: only at each validation)
-    checkpoint_seconds: float = 60.0  # a validation saves a checkpoint only this long after the last save
+    checkpoint_every: int | None = None  # also save a checkpoint every N steps (0: not by step count)
+    checkpoint_seconds: float = 60.0  # save at the first step or validation this long after the last save
     log_every: int = 0  # print a progress line every N steps; 0 = every few seconds (step_log.StepLog)
     deterministic: bool = False
     overwrite: bool = False

@@ -137,6 +137,30 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(corpus: Path, tmp_pat
     assert state is not None and state.step == 5 and not (tmp_path / "nan").exists()
 
 
+@pytest.mark.parametrize(("every_steps", "min_seconds", "saved_at"), [
+    (0, 60, [3, 6]),  # the first step 60 s after the last save (steps 25 s apart)
+    (4, 0, [4, 8]),  # every 4 steps, never by time
+    (4, 60, [3, 4, 7, 8]),  # both: a count save also restarts the clock
+    (0, 0, []),  # neither: only at evaluations (none in these 8 steps of a 10-step period)
+])
+def test_steps_save_by_time_and_by_count(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, every_steps: int,
+                                         min_seconds: float, saved_at: list[int]) -> None:
+    clock = [100.0]
+    monkeypatch.setattr(checkpoint.time, "monotonic", lambda: clock[0])
+    saver = checkpoint.ResumableCheckpoint(tmp_path, [10], every_steps, checkpoint.TrainingState(), min_seconds)
+    saves: list[int] = []
+
+    def save() -> None:
+        saves.append(saver.state.step)
+        saver._last_save = clock[0]
+
+    monkeypatch.setattr(saver, "save", save)
+    for batch in range(8):
+        clock[0] += 25.0
+        saver.on_train_batch_end(batch, {"loss": 1.0})
+    assert saves == saved_at
+
+
 def test_a_failed_save_leaves_the_previous_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     target = tmp_path / "metrics.json"
     files.atomic_write_json(target, {"old": 1})
