@@ -98,6 +98,7 @@ def _guard(main: Callable[[argparse.Namespace], int], args: argparse.Namespace) 
     files.ignore_file_size_signal()
     try:
         _quiet_warnings()
+        _keep_compiled_programs(args)
         return main(args)
     except KeyboardInterrupt as exc:
         _say(f"interrupted {exc}" if str(exc) else "interrupted")
@@ -126,8 +127,33 @@ def _guard(main: Callable[[argparse.Namespace], int], args: argparse.Namespace) 
             _say(f"error: {where + ': ' if where else ''}{reason}")
             return 1
         _say(f"internal error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
-             "(rerun with LLM_UNITSCALE_DEBUG=1 for the traceback)")
+             f"(rerun with LLM_UNITSCALE_DEBUG=1 for the traceback{_compile_cache_hint(exc)})")
         return 1
+
+
+def _keep_compiled_programs(args: argparse.Namespace) -> None:
+    """XLA's compiled programs kept between runs, in the cache folder (``--cache``): :mod:`compile_cache`."""
+    import tensorflow as tf
+
+    from llm_unitscale import compile_cache, prepared
+
+    global _compiled_programs
+    _compiled_programs = compile_cache.enable(prepared.cache_dir(getattr(args, "cache", None)), tf.version.VERSION)
+
+
+#: Where this command keeps XLA's compiled programs (None: nowhere).
+_compiled_programs: Path | None = None
+
+
+def _compile_cache_hint(exc: BaseException) -> str:
+    """For a TensorFlow error with the compile cache on: how to rule out a damaged cache entry."""
+    import tensorflow as tf
+
+    if _compiled_programs is None or not isinstance(exc, tf.errors.OpError):
+        return ""
+    from llm_unitscale import compile_cache
+
+    return f"; if it happens again, delete {_compiled_programs} or set {compile_cache.ENV}=0"
 
 
 def _resume_command() -> str:
