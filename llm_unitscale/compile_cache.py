@@ -10,10 +10,11 @@ The Python API does not switch it on: ``enable()`` is for programs that own thei
 
 TensorFlow writes each entry under a temporary name and renames it. It does not recompile an entry it cannot
 read: the training step then fails. So before TensorFlow reads any, :func:`enable` deletes every entry that is
-not a whole ``XlaSerializedCacheEntry`` (a crash or a full disk while writing, a zero-length file after a power
-cut) and leaves the cache off when its folder cannot be written or its disk has less than ``MIN_FREE_BYTES``
-free (TensorFlow's failed write would fail the compilation). Oldest entries go first when the folder holds more
-than ``MAX_BYTES``. ``LLM_UNITSCALE_XLA_CACHE=0`` switches it off; a ``--tf_xla_persistent_cache_directory``
+not a whole ``XlaSerializedCacheEntry`` (a zero-length file after a power cut, a damaged disk) and temporary
+files an hour old (a write that never finished; a younger one may be another process's write in progress), and
+leaves the cache off when its folder cannot be written or its disk has less than ``MIN_FREE_BYTES`` free
+(TensorFlow's failed write would fail the compilation). Oldest entries go first when the folder holds more than
+``MAX_BYTES``. ``LLM_UNITSCALE_XLA_CACHE=0`` switches it off; a ``--tf_xla_persistent_cache_directory``
 of your own in ``TF_XLA_FLAGS`` is left alone.
 """
 
@@ -23,6 +24,7 @@ import hashlib
 import os
 import platform
 import shutil
+import time
 from pathlib import Path
 
 #: The switch: "0" leaves XLA's cache off.
@@ -33,6 +35,9 @@ FLAG = "--tf_xla_persistent_cache_directory"
 MAX_BYTES = 1 << 30
 #: Free space needed to switch the cache on: an entry is a few MB, and a failed write fails the compilation.
 MIN_FREE_BYTES = 256 << 20
+#: A temporary file this old is a write that never finished (another process's write takes milliseconds, and
+#: deleting it mid-write would fail that process's compilation).
+STALE_SECONDS = 3600.0
 #: The fields of TensorFlow's ``XlaSerializedCacheEntry``: key, HLO module, executable.
 _ENTRY_FIELDS = {1, 2, 3}
 
@@ -92,17 +97,21 @@ def is_whole_entry(path: Path) -> bool:
 
 
 def tidy(folder: Path, max_bytes: int = MAX_BYTES) -> None:
-    """Delete the entries that are not whole and leftover temporary files, then the oldest entries while the
-    folder holds more than ``max_bytes``."""
+    """Delete the entries that are not whole and temporary files older than ``STALE_SECONDS``, then the oldest
+    entries while the folder holds more than ``max_bytes``."""
     entries = []
     for path in folder.iterdir():
         try:
             if not path.is_file():
                 continue
-            if path.suffix != ".pb" or not is_whole_entry(path):
-                path.unlink()  # TensorFlow's temporary names end in .tmp: a write that never finished
-                continue
             stat = path.stat()
+            if path.suffix != ".pb":  # TensorFlow's temporary names end in .tmp: a write in progress, or
+                if time.time() - stat.st_mtime > STALE_SECONDS:  # one that never finished
+                    path.unlink()
+                continue
+            if not is_whole_entry(path):
+                path.unlink()
+                continue
         except OSError:
             continue  # gone meanwhile (another process tidying), or unreadable: TensorFlow will not load it
         entries.append((stat.st_mtime, stat.st_size, path))

@@ -64,9 +64,12 @@ def test_entries_that_are_not_whole_are_deleted_before_tensorflow_reads_them(two
     (folder / "no_executable.pb").write_bytes(data[: len(data) - 10])
     (folder / "empty.pb").write_bytes(b"")
     (folder / "garbage.pb").write_bytes(b"\xff" * 64)
-    (folder / "whole.pb.tmp").write_bytes(data)  # a write that never got its final name
+    (folder / "stale.pb.tmp").write_bytes(data)  # a write that never got its final name
+    hours_ago = os.stat(folder / "stale.pb.tmp").st_mtime - 2 * compile_cache.STALE_SECONDS
+    os.utime(folder / "stale.pb.tmp", (hours_ago, hours_ago))
+    (folder / "writing.pb.tmp").write_bytes(data[:100])  # another process's write in progress: left alone
     compile_cache.tidy(folder)
-    assert sorted(p.name for p in folder.iterdir()) == ["whole.pb"]
+    assert sorted(p.name for p in folder.iterdir()) == ["whole.pb", "writing.pb.tmp"]
 
 
 def test_the_oldest_entries_go_when_the_folder_is_full(two_runs: dict, tmp_path: Path) -> None:
