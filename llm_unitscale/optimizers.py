@@ -162,6 +162,14 @@ class UnitAdamW(keras.optimizers.AdamW):
             self._sparse = {self._var_key(v) for v in var_list
                             if variable_role(v.path, tuple(int(d) for d in v.shape)) == "embedding"}
 
+    def _apply_weight_decay(self, variables: Sequence[Any]) -> None:
+        """AdamW's decoupled decay, ``v ← v − λ·lr·v``; nothing at all when λ = 0 (the default here). Keras
+        builds the decay for every variable whenever λ is not None, evaluating the learning-rate schedule once
+        per variable: with λ = 0, ≈ 0.8 s of the character recipe's 2.9-s trace of its training step, and a
+        multiply-subtract over every weight each step that changes nothing."""
+        if self.weight_decay:
+            super()._apply_weight_decay(variables)
+
     def _use_weight_decay(self, variable: Any) -> bool:
         return self._var_key(variable) not in self._sparse and super()._use_weight_decay(variable)
 
