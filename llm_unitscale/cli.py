@@ -137,23 +137,19 @@ def _keep_compiled_programs(args: argparse.Namespace) -> None:
 
     from llm_unitscale import compile_cache, prepared
 
-    global _compiled_programs
-    _compiled_programs = compile_cache.enable(prepared.cache_dir(getattr(args, "cache", None)), tf.version.VERSION)
-
-
-#: Where this command keeps XLA's compiled programs (None: nowhere).
-_compiled_programs: Path | None = None
+    compile_cache.enable(prepared.cache_dir(getattr(args, "cache", None)), tf.version.VERSION)
 
 
 def _compile_cache_hint(exc: BaseException) -> str:
-    """For a TensorFlow error with the compile cache on: how to rule out a damaged cache entry."""
+    """For a TensorFlow error with a compile cache on: how to rule out a damaged cache entry."""
     import tensorflow as tf
 
-    if _compiled_programs is None or not isinstance(exc, tf.errors.OpError):
-        return ""
     from llm_unitscale import compile_cache
 
-    return f"; if it happens again, delete {_compiled_programs} or set {compile_cache.ENV}=0"
+    folder = compile_cache.folder_in_use()
+    if folder is None or not isinstance(exc, tf.errors.OpError):
+        return ""
+    return f"; if it happens again, delete {folder} or set {compile_cache.ENV}=0"
 
 
 def _resume_command() -> str:
@@ -267,7 +263,7 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoint")
     p.add_argument("--deterministic", action="store_true",
                    help="TensorFlow's op determinism (bit-identical reruns on GPU; CPU runs already are)")
-    p.add_argument("--checkpoint-every", type=int, default=None, metavar="STEPS",
+    p.add_argument("--checkpoint-every", type=int, default=0, metavar="STEPS",
                    help="also save a resumable checkpoint every STEPS steps (default 0: by time only, "
                    "--checkpoint-seconds)")
     p.add_argument("--checkpoint-seconds", type=float, default=60.0, metavar="S",

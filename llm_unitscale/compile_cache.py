@@ -147,3 +147,9 @@ def enable(cache_root: Path, tf_version: str, environ: os._Environ | dict | None
         return None
     environ["TF_XLA_FLAGS"] = f"{flags} {FLAG}={folder}".strip()
     return folder
+
+
+def folder_in_use(environ: os._Environ | dict | None = None) -> Path | None:
+    """The cache folder ``TF_XLA_FLAGS`` names (ours or the user's), or None."""
+    flags = (os.environ if environ is None else environ).get("TF_XLA_FLAGS", "").split()
+    return next((Path(flag.split("=", 1)[1]) for flag in flags if flag.startswith(f"{FLAG}=")), None)

@@ -42,9 +42,9 @@ BAG_LR = {True: 3e-2, False: 3e-3}
 #: settings chosen by measurement (README, "Choosing the classifier's defaults").
 TASK_DEFAULTS: dict[str, dict[str, Any]] = {
     "lm": dict(arch="transformer", tokenizer="word", lowercase=False, epochs=30, batch_size=16, seq_len=64,
-               width=128, dropout=0.0, embeddings="word2vec", patience=5, jit_compile=True, checkpoint_every=0),
+               width=128, dropout=0.0, embeddings="word2vec", patience=5, jit_compile=True),
     "classify": dict(arch="bag", tokenizer="wordpunct", lowercase=True, epochs=10, batch_size=64, seq_len=1000,
-                     width=64, dropout=0.0, embeddings="none", patience=2, jit_compile=False, checkpoint_every=0),
+                     width=64, dropout=0.0, embeddings="none", patience=2, jit_compile=False),
 }
 #: A classifier other than ``bag`` (a sequence model over token ids) keeps the earlier classifier defaults.
 SEQUENCE_CLASSIFIER_DEFAULTS = dict(tokenizer="word", seq_len=64, width=128, embeddings="word2vec", patience=3,
@@ -105,7 +105,7 @@ class TrainConfig:
     encoding: str = "utf-8"
     errors: str = "strict"
     resume: bool = False
-    checkpoint_every: int | None = None  # also save a checkpoint every N steps (0: not by step count)
+    checkpoint_every: int = 0  # also save a checkpoint every N steps (0: not by step count)
     checkpoint_seconds: float = 60.0  # save at the first step or validation this long after the last save
     log_every: int = 0  # print a progress line every N steps; 0 = every few seconds (step_log.StepLog)
     deterministic: bool = False
@@ -157,8 +157,7 @@ class TrainConfig:
         if self.patience is not None and (not isinstance(self.patience, int) or self.patience < 0):
             raise ConfigError(f"--patience must be a number of validations >= 0 (0 = never stop early), "
                               f"got {self.patience}")
-        if self.checkpoint_every is not None and (not isinstance(self.checkpoint_every, int)
-                                                  or self.checkpoint_every < 0):
+        if not isinstance(self.checkpoint_every, int) or self.checkpoint_every < 0:
             raise ConfigError(f"--checkpoint-every must be a number of steps >= 0 (0 = only at each validation), "
                               f"got {self.checkpoint_every}")
         if not isinstance(self.checkpoint_seconds, int | float) or not 0 <= self.checkpoint_seconds < math.inf:

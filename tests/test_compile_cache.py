@@ -97,3 +97,5 @@ def test_enable_adds_the_flag_to_the_users_flags(tmp_path: Path) -> None:
     folder = compile_cache.enable(tmp_path, "2.0.0", environ)
     assert folder is not None and folder.is_dir() and folder.parent == tmp_path / "xla"
     assert environ["TF_XLA_FLAGS"] == f"--tf_xla_auto_jit=2 {compile_cache.FLAG}={folder}"
+    assert compile_cache.folder_in_use(environ) == folder
+    assert compile_cache.folder_in_use({"TF_XLA_FLAGS": "--tf_xla_auto_jit=2"}) is None
