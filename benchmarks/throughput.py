@@ -39,7 +39,9 @@ What is measured (every number comes from this process or its children, on this 
   default configuration (unit-scaled, float32, XLA) for a few steps and reports its peak resident set
   (``VmHWM`` of ``/proc/self/status``).
 
-The load average at the start and the end is printed: on a shared machine trust ratios, not absolute numbers.
+Host memory comes from TensorFlow's BFC allocator, as in the commands (``llm_unitscale.host_allocator``; run
+with ``TF_CPU_ALLOCATOR_USE_BFC=false`` for malloc, what this benchmark used before). The load average at the
+start and the end is printed: on a shared machine trust ratios, not absolute numbers.
 """
 
 from __future__ import annotations
@@ -67,8 +69,10 @@ import tensorflow as tf  # noqa: E402
 
 import llm_unitscale  # noqa: E402  (imports TensorFlow quietly)
 from llm_unitscale import data as data_mod  # noqa: E402
-from llm_unitscale import prepared, training  # noqa: E402
+from llm_unitscale import host_allocator, prepared, training  # noqa: E402
 from llm_unitscale.models import build_model  # noqa: E402
+
+host_allocator.enable()  # host memory as the commands allocate it (before TensorFlow's first allocation)
 
 SHAPES = {
     "small": dict(depth=4, heads=4, width=128, seq_len=64, batch=12),
@@ -418,7 +422,7 @@ def table(result: dict) -> str:
     lines = [f"llm_unitscale throughput — TF {result['env']['tensorflow']}, Keras {result['env']['keras']}, "
              f"{result['env']['cpus']} CPUs {' '.join(result['env']['cpu_flags'])}, load average "
              f"{result['env']['load_start']} → {result['env']['load_end']}, {result['env']['mode']} mode, "
-             f"{result['seconds']:.0f} s"]
+             f"{result['seconds']:.0f} s, host allocator {result['env'].get('host_allocator', 'malloc')}"]
     lines.append("\nmatmul peak (n×n tf.matmul, median GFLOP/s; graph = oneDNN, xla = XLA's own kernel)")
     for dtype, p in result["peaks"].items():
         lines.append(f"  {dtype:9s} n={p['n']}: graph {p['by_mode']['graph']:7.1f}  xla {p['by_mode']['xla']:7.1f}"
@@ -534,7 +538,7 @@ def main() -> int:
         "env": {"tensorflow": tf.__version__, "keras": keras.__version__, "python": platform.python_version(),
                 "llm_unitscale": llm_unitscale.__version__, "cpus": os.cpu_count(), "cpu_flags": cpu_flags(),
                 "load_start": load_start, "load_end": load_average(), "mode": "quick" if args.quick else "full",
-                "vocab": vocab},
+                "vocab": vocab, "host_allocator": "bfc" if host_allocator.enable() else "malloc"},
         "peaks": peaks, "training": training_rows, "pipeline": pipeline, "inference": inference_rows,
         "memory": memory, "seconds": round(time.perf_counter() - started, 1),
     }

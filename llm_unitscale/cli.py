@@ -93,11 +93,12 @@ def _guard(main: Callable[[argparse.Namespace], int], args: argparse.Namespace) 
     """Run a command; turn known failures into one line on stderr and an exit status."""
     debug = os.environ.get("LLM_UNITSCALE_DEBUG") == "1"
     interrupts.report_uncaught("interrupted")
-    from llm_unitscale import files
+    from llm_unitscale import files, host_allocator
 
     files.ignore_file_size_signal()
     try:
         _quiet_warnings()
+        host_allocator.enable()
         _keep_compiled_programs(args)
         return main(args)
     except KeyboardInterrupt as exc:
