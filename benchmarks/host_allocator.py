@@ -47,11 +47,10 @@ def run_once(data: Path, out: Path, cache: Path, steps: int, use_bfc: str | None
                                  env={**env, "PYTHONPATH": str(ROOT)})
         _, status, usage = os.wait4(child.pid, 0)
         wall = time.perf_counter() - started
-        child.returncode = os.waitstatus_to_exitcode(status)
         log.seek(0)
         lines = log.read().splitlines()
-    if child.returncode != 0:
-        raise SystemExit(f"train.py failed ({child.returncode}): {' '.join(lines[-5:])}")
+    if (code := os.waitstatus_to_exitcode(status)) != 0:
+        raise SystemExit(f"train.py failed ({code}): {' '.join(lines[-5:])}")
     step_ms = {int(m.group(1)): float(m.group(2)) for line in lines if (m := STEP_LINE.match(line))}
     later = [ms for step, ms in step_ms.items() if step > 100]
     val = next((float(m.group(1)) for line in lines if (m := VAL_LOSS.search(line))), float("nan"))
@@ -60,7 +59,7 @@ def run_once(data: Path, out: Path, cache: Path, steps: int, use_bfc: str | None
             "val_loss": val}
 
 
-def summary(values: list[float], digits: int = 2) -> str:
+def summary(values: list[float], digits: int) -> str:
     return f"{statistics.median(values):.{digits}f} [{min(values):.{digits}f}–{max(values):.{digits}f}]"
 
 

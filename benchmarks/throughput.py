@@ -72,7 +72,8 @@ from llm_unitscale import data as data_mod  # noqa: E402
 from llm_unitscale import host_allocator, prepared, training  # noqa: E402
 from llm_unitscale.models import build_model  # noqa: E402
 
-host_allocator.enable()  # host memory as the commands allocate it (before TensorFlow's first allocation)
+#: Host memory as the commands allocate it (set before TensorFlow's first allocation).
+HOST_ALLOCATOR = "bfc" if host_allocator.enable() else "malloc"
 
 SHAPES = {
     "small": dict(depth=4, heads=4, width=128, seq_len=64, batch=12),
@@ -422,7 +423,7 @@ def table(result: dict) -> str:
     lines = [f"llm_unitscale throughput — TF {result['env']['tensorflow']}, Keras {result['env']['keras']}, "
              f"{result['env']['cpus']} CPUs {' '.join(result['env']['cpu_flags'])}, load average "
              f"{result['env']['load_start']} → {result['env']['load_end']}, {result['env']['mode']} mode, "
-             f"{result['seconds']:.0f} s, host allocator {result['env'].get('host_allocator', 'malloc')}"]
+             f"{result['seconds']:.0f} s, host allocator {result['env']['host_allocator']}"]
     lines.append("\nmatmul peak (n×n tf.matmul, median GFLOP/s; graph = oneDNN, xla = XLA's own kernel)")
     for dtype, p in result["peaks"].items():
         lines.append(f"  {dtype:9s} n={p['n']}: graph {p['by_mode']['graph']:7.1f}  xla {p['by_mode']['xla']:7.1f}"
@@ -538,7 +539,7 @@ def main() -> int:
         "env": {"tensorflow": tf.__version__, "keras": keras.__version__, "python": platform.python_version(),
                 "llm_unitscale": llm_unitscale.__version__, "cpus": os.cpu_count(), "cpu_flags": cpu_flags(),
                 "load_start": load_start, "load_end": load_average(), "mode": "quick" if args.quick else "full",
-                "vocab": vocab, "host_allocator": "bfc" if host_allocator.enable() else "malloc"},
+                "vocab": vocab, "host_allocator": HOST_ALLOCATOR},
         "peaks": peaks, "training": training_rows, "pipeline": pipeline, "inference": inference_rows,
         "memory": memory, "seconds": round(time.perf_counter() - started, 1),
     }

@@ -12,8 +12,8 @@ TensorFlow's BFC allocator (best-fit with coalescing, the one it uses for GPU me
 reuses them; ``TF_CPU_ALLOCATOR_USE_BFC=true`` makes it TensorFlow's host allocator. It grows as needed (up
 to TensorFlow's limit for it, 64 GiB unless ``TF_CPU_BFC_MEM_LIMIT_IN_MB`` says otherwise) and does not
 return memory to the system before the process ends, so a command's resident memory stays at its peak (the
-recipe's peak was 5 % lower with it: the same benchmark). TensorFlow reads the variable when it first allocates host memory,
-which no import does, so :func:`enable` works after ``import tensorflow``.
+recipe's peak was 5 % lower with it: the same benchmark). TensorFlow reads the variable when it first
+allocates host memory, which no import does, so :func:`enable` works after ``import tensorflow``.
 
 The commands (``train.py``, ``predict.py``, ``evaluate.py``, the export) call :func:`enable`; the Python API
 does not, since the allocator is the whole process's choice (set the variable yourself for the same speed).
