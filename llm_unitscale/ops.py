@@ -975,6 +975,13 @@ def embedding_bag(ids: tf.Tensor, table: tf.Tensor, typical_count: float) -> tf.
     per distinct id and the (B, T, d) gathered rows never exist (the tables have 10⁵ rows, a batch 10⁴ ids).
     Summing straight from the table read all of it at every step: 18 ms per step against 13 ms on AG News
     (118,805 rows, batch 32, words and word bigrams; same losses).
+
+    The scales are applied to the gathered rows, between the gather and the sum (the same maths: the sum and
+    the division by n_b are linear). Directly adjacent, gather-then-segment-sum is a pattern TensorFlow's
+    graph optimizer rewrites (Grappler's ``SimplifyEmbeddingLookup``) into a segment sum over the whole table
+    — which reads all of it every step, and once the optimizer's sparse updates have put the variable in
+    copy-on-read mode, copies all of it (30 MB on AG News): 22.5 → 18.8 ms a training step there (TensorFlow
+    profiler, steps 100–130, AVX2 machine).
     """
     vocab, width = int(table.shape[0]), int(table.shape[1])
     valid = tf.not_equal(ids, 0)
@@ -982,11 +989,12 @@ def embedding_bag(ids: tf.Tensor, table: tf.Tensor, typical_count: float) -> tf.
     rows_of = tf.broadcast_to(tf.range(shape[0])[:, None], shape)
     flat_ids = tf.boolean_mask(ids, valid)
     distinct, position = tf.unique(flat_ids)
+    total = tf.maximum(tf.cast(tf.size(flat_ids), tf.float32), 1.0)
     rows = tf.gather(table, distinct)  # a variable's ResourceGather: only these rows are read
+    rows = scaled(rows, width**-0.5, typical_count * tf.sqrt(vocab / total))  # here, not after the sum: docstring
     summed = tf.sparse.segment_sum(rows, position, tf.boolean_mask(rows_of, valid), num_segments=shape[0])
     count = tf.maximum(tf.reduce_sum(tf.cast(valid, summed.dtype), axis=1, keepdims=True), 1.0)
-    total = tf.maximum(tf.cast(tf.size(flat_ids), tf.float32), 1.0)
-    return scaled(summed / count, width**-0.5, typical_count * tf.sqrt(vocab / total))
+    return summed / count
 
 
 # ------------------------------------------------------------------------------------------------ helpers

@@ -63,7 +63,8 @@ optimizer is built from the model's variables (roles come from the Keras variabl
 
        m_r ← β₁·m_r + (1−β₁)·g_r,  v_r ← β₂·v_r + (1−β₂)·g_r²,  w_r ← w_r − η·√(1−β₂ᵗ)/(1−β₁ᵗ)·m_r/(√v_r + ε)
 
-   for each row r of the batch. Such tables take no decoupled weight decay (it would touch every row).
+   for each row r of the batch. Such tables take no decoupled weight decay (it would touch every row). When
+   the gradient's rows are distinct by construction (:func:`distinct_by_construction`) the summing is skipped.
 """
 
 from __future__ import annotations
@@ -119,6 +120,19 @@ def umup_multipliers(variables: Iterable[Any]) -> dict[str, float]:
                 m *= depth_factor
         out[v.path] = m
     return out
+
+
+def distinct_by_construction(indices: Any) -> bool:
+    """True when ``indices`` is, through reshapes, the first output of a ``tf.unique`` op in the graph being
+    traced — the rows are then distinct and need no summing. That is the bag classifier's table gradient
+    (``ops.embedding_bag`` gathers the batch's distinct ids, and the gather's gradient reshapes them), whose
+    second ``tf.unique`` and segment sum cost 2.7 ms of a 19-ms AG News step. Eager tensors, and indices
+    built any other way (e.g. two gathers' gradients concatenated), give False."""
+    tensor = indices
+    while getattr(tensor, "op", None) is not None and tensor.op.type in ("Reshape", "Identity"):
+        tensor = tensor.op.inputs[0]
+    op = getattr(tensor, "op", None)
+    return op is not None and op.type in ("Unique", "UniqueV2") and tensor.value_index == 0
 
 
 def _scale_gradient(g: Any, s: float) -> Any:
@@ -206,8 +220,11 @@ class UnitAdamW(keras.optimizers.AdamW):
     def _lazy_update(self, gradient: tf.IndexedSlices, variable: Any, learning_rate: Any) -> None:
         """Adam on the rows of ``gradient`` only (module docstring, 3)."""
         dtype = variable.dtype
-        rows, position = tf.unique(gradient.indices)
-        g = tf.math.unsorted_segment_sum(tf.cast(gradient.values, dtype), position, tf.shape(rows)[0])
+        if distinct_by_construction(gradient.indices):
+            rows, g = gradient.indices, tf.cast(gradient.values, dtype)
+        else:
+            rows, position = tf.unique(gradient.indices)
+            g = tf.math.unsorted_segment_sum(tf.cast(gradient.values, dtype), position, tf.shape(rows)[0])
         step = tf.cast(self.iterations + 1, dtype)
         alpha = tf.cast(learning_rate, dtype) * tf.sqrt(1.0 - tf.pow(tf.cast(self.beta_2, dtype), step)) / (
             1.0 - tf.pow(tf.cast(self.beta_1, dtype), step))
@@ -217,7 +234,11 @@ class UnitAdamW(keras.optimizers.AdamW):
         v = self.beta_2 * tf.gather(v_var.value, rows) + (1.0 - self.beta_2) * tf.square(g)
         self.assign(m_var, tf.IndexedSlices(m, rows))
         self.assign(v_var, tf.IndexedSlices(v, rows))
-        self.assign_sub(variable, tf.IndexedSlices(alpha * m / (tf.sqrt(v) + self.epsilon), rows))
+        # w_r − step written back with a scatter *update*: TensorFlow's scatter-subtract kernel costs 2–3 times
+        # a gather plus a scatter update here (TensorFlow profiler, AG News table: 2.8 ms against 1.7 ms).
+        step_rows = alpha * m / (tf.sqrt(v) + self.epsilon)
+        weights = variable.value if isinstance(variable, keras.Variable) else variable  # a tf.Variable: ResourceGather
+        self.assign(variable, tf.IndexedSlices(tf.gather(weights, rows) - step_rows, rows))
 
     def get_config(self) -> dict:
         return {**super().get_config(), "lr_rule": self.lr_rule, "replica_correction": self.replica_correction,

@@ -441,3 +441,27 @@ def test_attention_reads_the_mask_of_an_embedding_with_mask_zero() -> None:
     np.testing.assert_allclose(out[:, :3], explicit[:, :3], rtol=1e-5, atol=1e-6)  # real queries
     np.testing.assert_allclose(out[1], explicit[1], rtol=1e-5, atol=1e-6)
     assert not np.allclose(out[0, :3], attention(embedding(tokens)).numpy()[0, :3], atol=1e-3)  # unmasked differs
+
+
+def test_bag_training_step_reads_only_the_batch_rows_after_graph_optimization() -> None:
+    """TensorFlow's graph optimizer may rewrite gather-then-segment-sum into a segment sum over the whole table
+    (``SimplifyEmbeddingLookup``), which reads — and, once sparse updates have touched the table, copies — all
+    of it every step. The bag's step as ``fit`` runs it, after optimization, reads no table whole."""
+    from tensorflow.python.eager import context  # run metadata: the only view of the post-optimization graph
+
+    from llm_unitscale import optimizers
+
+    ids = keras.Input((6,), dtype="int32")
+    model = keras.Model(ids, keras.layers.Dense(2)(L.UnitEmbeddingBag(1000, 8, typical_count=4.0)(ids)))
+    model.compile(optimizer=optimizers.UnitAdamW(1e-2, sparse_updates=True),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    rng = np.random.default_rng(0)
+    context.enable_run_metadata()
+    try:
+        model.fit(rng.integers(0, 1000, (16, 6)).astype("int32"), rng.integers(0, 2, 16), batch_size=8, verbose=0)
+        metadata = context.export_run_metadata()
+    finally:
+        context.disable_run_metadata()
+    nodes = [node for graph in metadata.function_graphs for node in graph.post_optimization_graph.node]
+    assert any(node.op.startswith("SparseSegmentSum") for node in nodes)  # the step was captured
+    assert not [node.name for node in nodes if "SimplifyEmbeddingLookup" in node.name]

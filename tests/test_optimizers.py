@@ -127,3 +127,39 @@ def test_sparse_updates_move_only_the_batch_rows_as_adam_would() -> None:
     np.testing.assert_allclose(table.numpy()[[1, 4]], dense.numpy()[[1, 4]], rtol=1e-5, atol=1e-6)
     untouched = [0, 2, 3, 5, 6, 7, 8, 9]
     np.testing.assert_array_equal(table.numpy()[untouched], before[untouched])
+
+
+def test_rows_known_distinct_skip_the_summing_and_move_as_adam_would() -> None:
+    """Inside a traced step, a gradient whose rows come straight from ``tf.unique`` (the bag's) skips the second
+    unique and the segment sum; the rows still move exactly as dense Adam moves them. Rows built any other way
+    (eager, concatenated, the unique op's second output) are not taken as distinct."""
+    @tf.function
+    def checks(x: tf.Tensor) -> list[bool]:
+        distinct, position = tf.unique(x)
+        return [optimizers.distinct_by_construction(t) for t in
+                (distinct, tf.reshape(distinct, [-1]), position, tf.concat([distinct, distinct], 0), x)]
+
+    assert [bool(flag) for flag in checks(tf.constant([3, 1, 3]))] == [True, True, False, False, False]
+    assert not optimizers.distinct_by_construction(tf.constant([1, 2]))
+
+    table = keras.Variable(np.random.default_rng(1).standard_normal((10, 3)).astype("float32"), name="embeddings")
+    dense = keras.Variable(np.array(table.numpy()), name="embeddings")
+    lazy = optimizers.UnitAdamW(0.1, lr_rule="uniform", sparse_updates=True)
+    plain = optimizers.UnitAdamW(0.1, lr_rule="uniform", weight_decay=0.0)
+    lazy.build([table])
+    plain.build([dense])
+
+    @tf.function
+    def lazy_step(ids: tf.Tensor, values: tf.Tensor) -> None:
+        rows = tf.unique(ids)[0]
+        lazy.apply([tf.IndexedSlices(values, tf.reshape(rows, [-1]), tf.constant([10, 3]))], [table])
+
+    before = table.numpy()
+    for step in range(3):
+        values = tf.constant(np.random.default_rng(step).standard_normal((3, 3)).astype("float32"))
+        lazy_step(tf.constant([7, 2, 7, 5]), values)  # distinct rows 7, 2, 5
+        plain.apply([tf.convert_to_tensor(tf.IndexedSlices(values, tf.constant([7, 2, 5]), tf.constant([10, 3])))],
+                    [dense])
+    np.testing.assert_allclose(table.numpy()[[2, 5, 7]], dense.numpy()[[2, 5, 7]], rtol=1e-5, atol=1e-6)
+    untouched = [0, 1, 3, 4, 6, 8, 9]
+    np.testing.assert_array_equal(table.numpy()[untouched], before[untouched])
