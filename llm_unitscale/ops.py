@@ -981,7 +981,7 @@ def embedding_bag(ids: tf.Tensor, table: tf.Tensor, typical_count: float) -> tf.
     graph optimizer rewrites (Grappler's ``SimplifyEmbeddingLookup``) into a segment sum over the whole table
     — which reads all of it every step, and once the optimizer's sparse updates have put the variable in
     copy-on-read mode, copies all of it (30 MB on AG News): 22.5 → 18.8 ms a training step there (TensorFlow
-    profiler, steps 100–130, AVX2 machine).
+    profiler, one profile of steps 100–130 each, AVX2 machine).
     """
     vocab, width = int(table.shape[0]), int(table.shape[1])
     valid = tf.not_equal(ids, 0)

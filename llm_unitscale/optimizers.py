@@ -126,7 +126,7 @@ def distinct_by_construction(indices: Any) -> bool:
     """True when ``indices`` is, through reshapes, the first output of a ``tf.unique`` op in the graph being
     traced — the rows are then distinct and need no summing. That is the bag classifier's table gradient
     (``ops.embedding_bag`` gathers the batch's distinct ids, and the gather's gradient reshapes them), whose
-    second ``tf.unique`` and segment sum cost 2.7 ms of a 19-ms AG News step. Eager tensors, and indices
+    second ``tf.unique`` and segment sum took 2.7 ms of a 22-ms AG News step (TensorFlow profiler). Eager tensors, and indices
     built any other way (e.g. two gathers' gradients concatenated), give False."""
     tensor = indices
     while getattr(tensor, "op", None) is not None and tensor.op.type in ("Reshape", "Identity"):
@@ -218,7 +218,7 @@ class UnitAdamW(keras.optimizers.AdamW):
             super().update_step(gradient, variable, learning_rate)
 
     def _lazy_update(self, gradient: tf.IndexedSlices, variable: Any, learning_rate: Any) -> None:
-        """Adam on the rows of ``gradient`` only (module docstring, 3)."""
+        """Adam on the rows of ``gradient`` only (module docstring, 4)."""
         dtype = variable.dtype
         if distinct_by_construction(gradient.indices):
             rows, g = gradient.indices, tf.cast(gradient.values, dtype)
@@ -234,8 +234,9 @@ class UnitAdamW(keras.optimizers.AdamW):
         v = self.beta_2 * tf.gather(v_var.value, rows) + (1.0 - self.beta_2) * tf.square(g)
         self.assign(m_var, tf.IndexedSlices(m, rows))
         self.assign(v_var, tf.IndexedSlices(v, rows))
-        # w_r − step written back with a scatter *update*: TensorFlow's scatter-subtract kernel costs 2–3 times
-        # a gather plus a scatter update here (TensorFlow profiler, AG News table: 2.8 ms against 1.7 ms).
+        # w_r − step written back with a scatter *update*: TensorFlow's scatter-subtract kernel is slower than a
+        # gather plus a scatter update (20,700 of 118,805 rows of width 64, as on AG News: 6.1 ms against 3.5 ms,
+        # median of 7 × 50 calls of each, interleaved).
         step_rows = alpha * m / (tf.sqrt(v) + self.epsilon)
         weights = variable.value if isinstance(variable, keras.Variable) else variable  # a tf.Variable: ResourceGather
         self.assign(variable, tf.IndexedSlices(tf.gather(weights, rows) - step_rows, rows))
