@@ -85,8 +85,9 @@ def main() -> None:
     if args.json:
         print(json.dumps({"steps": args.steps, "corpus": args.corpus, "extra": extra, "runs": runs}, indent=1))
         return
-    print(f"{args.corpus}, recipe{''.join(' ' + option for option in extra)}, {args.steps} steps; median [range] over {args.repeats} "
-          "run(s) each, interleaved")
+    shape = "".join(" " + option for option in extra)
+    print(f"{args.corpus}, recipe{shape}, {args.steps} steps; median [range] over {args.repeats} run(s) each, "
+          "interleaved")
     columns = {"wall_s": "wall s", "step_ms": "step ms", "user_s": "user CPU s", "sys_s": "system CPU s",
                "peak_mb": "peak MB", "val_loss": "val loss"}
     print(f"{'allocator':10s}" + "".join(f"{title:>26s}" for title in columns.values()))

@@ -126,8 +126,8 @@ def distinct_by_construction(indices: Any) -> bool:
     """True when ``indices`` is, through reshapes, the first output of a ``tf.unique`` op in the graph being
     traced — the rows are then distinct and need no summing. That is the bag classifier's table gradient
     (``ops.embedding_bag`` gathers the batch's distinct ids, and the gather's gradient reshapes them), whose
-    second ``tf.unique`` and segment sum took 2.7 ms of a 22-ms AG News step (TensorFlow profiler). Eager tensors, and indices
-    built any other way (e.g. two gathers' gradients concatenated), give False."""
+    second ``tf.unique`` and segment sum took 2.7 ms of a 22-ms AG News step (one TensorFlow profile). Eager
+    tensors, and indices built any other way (e.g. two gathers' gradients concatenated), give False."""
     tensor = indices
     while getattr(tensor, "op", None) is not None and tensor.op.type in ("Reshape", "Identity"):
         tensor = tensor.op.inputs[0]
