@@ -9,6 +9,8 @@ and status 130 if nothing catches it (``llm_unitscale.interrupts``).
 import os as _os
 import sys as _sys
 
+from llm_unitscale import interrupts as _interrupts  # the standard library only: imported in milliseconds
+
 
 def _import_tensorflow_quietly() -> None:
     """Import TensorFlow with its C++ start-up banners (oneDNN, CUDA probing) hidden.
@@ -30,15 +32,18 @@ def _import_tensorflow_quietly() -> None:
 
 
 try:
-    _import_tensorflow_quietly()
+    with _interrupts.sticky_interrupt() as _check_interrupted:
+        try:
+            _import_tensorflow_quietly()
 
-    from llm_unitscale import constraints, optimizers  # noqa: F401  (and layers, models, ops: registered)
-    from llm_unitscale.constraints import UnitScaling
-    from llm_unitscale.models import build_model
+            from llm_unitscale import constraints, optimizers  # noqa: F401  (and layers, models, ops: registered)
+            from llm_unitscale.constraints import UnitScaling
+            from llm_unitscale.models import build_model
+        except Exception:
+            _check_interrupted()  # a Ctrl-C that an import turned into another error is still a Ctrl-C
+            raise
 except KeyboardInterrupt:
-    from llm_unitscale.interrupts import report_uncaught
-
-    report_uncaught()
+    _interrupts.report_uncaught()
     raise
 
 __version__ = "0.1.0"

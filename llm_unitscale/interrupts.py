@@ -9,7 +9,8 @@ interrupted (a program that catches that interrupt sees no difference), the comm
 
 A Ctrl-C that lands while Python runs a destructor or a callback (TensorFlow runs many) raises its
 ``KeyboardInterrupt`` there, where Python prints it and carries on: the interrupt is lost. Loops that must stop
-on Ctrl-C (``predict.py`` answering line after line) use :func:`sticky_interrupt`, which also remembers it.
+on Ctrl-C (``predict.py`` answering line after line) use :func:`sticky_interrupt`, which also remembers it; so
+does the package's own import, where a Ctrl-C inside numpy's import comes out as an ``ImportError``.
 """
 
 from __future__ import annotations
@@ -50,7 +51,12 @@ def report_uncaught(message: str = MESSAGE) -> None:
 @contextlib.contextmanager
 def sticky_interrupt() -> Iterator[Callable[[], None]]:
     """Ctrl-C raises ``KeyboardInterrupt`` as usual and is remembered; the yielded ``check()`` raises it again
-    at a safe point if the first one was swallowed (raised inside a destructor). Main thread only."""
+    at a safe point if the first one was swallowed (raised inside a destructor) or turned into another error
+    (numpy's import turns one that lands inside it into an ``ImportError``).
+
+    Only where Python's own Ctrl-C handler is in place, in the main thread: a program that ignores SIGINT (a
+    background job) or handles it itself keeps its handler, and ``check()`` then does nothing.
+    """
     caught = threading.Event()
 
     def handler(signum: int, frame: object) -> None:
@@ -61,6 +67,10 @@ def sticky_interrupt() -> Iterator[Callable[[], None]]:
         if caught.is_set():
             raise KeyboardInterrupt
 
+    if threading.current_thread() is not threading.main_thread() \
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield check
+        return
     previous = signal.signal(signal.SIGINT, handler)
     try:
         yield check

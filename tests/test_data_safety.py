@@ -324,6 +324,52 @@ def test_ctrl_c_while_tensorflow_imports_is_one_line(tmp_path: Path) -> None:
         assert only_line(err) == "interrupted while starting up; nothing was written"
 
 
+#: Runs ``import llm_unitscale`` in a child where TensorFlow's import is hit by a Ctrl-C that an import machinery
+#: turns into an ImportError (as numpy's C-extension import does when the interrupt lands inside it).
+_CTRL_C_BECOMES_IMPORT_ERROR = """
+import importlib.abc, os, signal, sys, time
+
+class CtrlCInsideImport(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name != "tensorflow":
+            return None
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)
+        except KeyboardInterrupt as exc:
+            raise ImportError("PyCapsule_Import could not import module 'datetime'") from exc
+        raise AssertionError("no Ctrl-C arrived")
+
+sys.meta_path.insert(0, CtrlCInsideImport())
+import llm_unitscale
+"""
+
+
+def test_ctrl_c_turned_into_an_import_error_is_still_one_line() -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-c", _CTRL_C_BECOMES_IMPORT_ERROR], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 130, done.stderr[-2000:]
+    assert only_line(done.stderr) == "interrupted while starting up; nothing was written"
+
+
+def test_sticky_interrupt_keeps_a_handler_it_did_not_expect() -> None:
+    """A program that ignores Ctrl-C (a background job) keeps ignoring it; so does one with its own handler."""
+    from llm_unitscale import interrupts
+
+    def own(signum: int, frame: object) -> None:
+        pass
+
+    for kept in (signal.SIG_IGN, own):
+        previous = signal.signal(signal.SIGINT, kept)
+        try:
+            with interrupts.sticky_interrupt() as check:
+                assert signal.getsignal(signal.SIGINT) is kept
+                check()
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+
 def _interrupt(*args: object, **kwargs: object) -> None:
     raise KeyboardInterrupt
 
