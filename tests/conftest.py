@@ -20,11 +20,12 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(ROOT))
 
-import keras  # noqa: E402
 import pytest  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     """Seed Python, NumPy, TensorFlow and Keras before every test (weight inits, dropout)."""
+    import keras  # here, not at the top: pytest-xdist's controller runs no test and need not load TensorFlow
+
     keras.utils.set_random_seed(0)
