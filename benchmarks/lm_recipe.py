@@ -1,7 +1,8 @@
 """nanoGPT's CPU recipe, character level, unit-scaled vs the stock-Keras twin, as a user runs it.
 
     python benchmarks/lm_recipe.py [--corpora warpeace sanguo] [--steps 2000] [--eval-every 250]
-                                   [--repeats 1] [--lr-unit X] [--lr-stock X] [--plot FILE] [--json]
+                                   [--repeats 1] [--lr-unit X] [--lr-stock X] [--nanogpt-python PY]
+                                   [--plot FILE] [--json]
 
 The recipe (nanoGPT's README, "I only have a macbook"): 4 layers, 4 heads, width 128, context 64, batch 12,
 2000 steps, character tokens. Each system is the real command, ``train.py DATA --tokenizer char …`` in a child
@@ -11,8 +12,13 @@ validation loss is over the whole last 10 % (nats per character), every ``--eval
 Reported per system: the validation loss at each evaluation, the wall seconds to it from the command's start,
 the whole command's wall time, the start-up (command start to the first optimizer step: imports, reading,
 tokenising, building, tracing) and the time after the last validation (saving the run). With ``--repeats N``
-each system runs N times with seeds 0…N−1 and the table gives the median and the range. nanoGPT's figures
-(its own estimate over 20 random validation batches, on this machine class) are printed as a reference.
+each system runs N times with seeds 0…N−1 and the table gives the median and the range.
+
+nanoGPT on the same machine: ``--nanogpt-python PYTHON`` (an interpreter with PyTorch) runs the same recipe in
+nanoGPT's own model and loop (``benchmarks/nanogpt_twin.py``, alternating with the two systems), adds its row —
+its own validation estimate (20 random batches) at each evaluation, its loss over the whole tail at the end —
+and prints each system's wall time over nanoGPT's, per seed. Without it, the figures nanoGPT reached on the
+data's reference machine are printed instead, which compare with this machine's only if it is as fast.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
 RECIPE = ["--tokenizer", "char", "--batch-size", "12", "--seq-len", "64", "--width", "128", "--depth", "4",
           "--heads", "4"]
-#: nanoGPT on this machine class (its CPU recipe, 2000 steps): validation loss and wall seconds.
+#: nanoGPT on the data's reference machine (its CPU recipe, 2000 steps): validation loss and wall seconds.
 NANOGPT = {"warpeace": (1.760, 73.0), "sanguo": (4.774, 120.0)}
 STEP_LINE = re.compile(r"^step (\d+)/\d+ .*?([\d.]+) ms/step")
 
@@ -74,6 +80,24 @@ def run_once(data: Path, unit: bool, lr: float | None, steps: int, eval_every: i
             "after_last_validation": wall - seconds[-1], "lr": lr_used, "final": val[-1]}
 
 
+def run_nanogpt(python: str, data: Path, steps: int, seed: int) -> dict:
+    """nanoGPT's recipe in its own loop (:mod:`nanogpt_twin`), in the interpreter ``python``; its times are
+    from its own clock (process start, less the data preparation that nanoGPT runs as a separate command)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        command = [python, str(ROOT / "benchmarks" / "nanogpt_twin.py"), str(data), tmp, "--steps", str(steps),
+                   "--seed", str(seed)]
+        done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"error: {' '.join(command)} exited {done.returncode}: {done.stderr.strip()[-300:]}")
+    lines = [line.split() for line in done.stdout.splitlines()]
+    evals = [line for line in lines if line[0] == "eval" and int(line[1]) > 0]
+    marks = {line[0]: float(line[-1]) for line in lines if line[0] in ("first-step", "done", "tail")}
+    seconds = [float(line[4]) for line in evals]
+    return {"steps": [int(line[1]) for line in evals], "val_loss": [float(line[3]) for line in evals],
+            "seconds_to": seconds, "wall": marks["done"], "startup": marks["first-step"],
+            "after_last_validation": marks["done"] - seconds[-1], "lr": 1e-3, "final": marks["tail"]}
+
+
 def spread(values: list[float]) -> str:
     """Median and range of one or more runs."""
     if len(values) == 1:
@@ -89,6 +113,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--lr-unit", type=float, default=None, help="default: the package's default")
     p.add_argument("--lr-stock", type=float, default=None, help="default: the package's default")
+    p.add_argument("--nanogpt-python", default=None, metavar="PYTHON",
+                   help="a Python interpreter with PyTorch: also run nanoGPT's recipe (nanogpt_twin.py) here")
     p.add_argument("--plot", type=Path, default=None, help="PNG of validation loss against wall seconds")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
@@ -96,10 +122,14 @@ def main() -> None:
     results: dict[str, dict[str, list[dict]]] = {}
     for corpus in args.corpora:
         data = DATA / f"{corpus}.txt"
-        results[corpus] = {"unit": [], "stock": []}
-        for seed in range(args.repeats):  # alternate the systems so that machine load hits both alike
-            for name, unit, lr in (("unit", True, args.lr_unit), ("stock", False, args.lr_stock)):
-                result = run_once(data, unit, lr, args.steps, args.eval_every, seed)
+        results[corpus] = {"unit": [], "stock": []} | ({"nanogpt": []} if args.nanogpt_python else {})
+        for seed in range(args.repeats):  # alternate the systems so that machine load hits each alike
+            for name in results[corpus]:
+                if name == "nanogpt":
+                    result = run_nanogpt(args.nanogpt_python, data, args.steps, seed)
+                else:
+                    lr = args.lr_unit if name == "unit" else args.lr_stock
+                    result = run_once(data, name == "unit", lr, args.steps, args.eval_every, seed)
                 results[corpus][name].append(result)
                 print(f"{corpus} {name} seed {seed}: val {result['final']:.4f}, {result['wall']:.1f} s",
                       file=sys.stderr, flush=True)
@@ -114,26 +144,37 @@ def main() -> None:
 
 def print_table(results: dict, repeats: int, file: TextIO) -> None:
     """Per corpus: the median validation loss of each system at each evaluation, wall seconds (median and
-    range), start-up and the time after the last validation; the final losses and their difference."""
+    range), start-up and the time after the last validation; the final losses and their difference; with
+    nanoGPT measured, each system's wall time over nanoGPT's."""
     for corpus, systems in results.items():
-        steps = systems["unit"][0]["steps"]
+        steps = sorted({s for runs in systems.values() for s in runs[0]["steps"]})
         print(f"\n{corpus}: validation loss (nats/char, whole held-out tail) at step; seconds; "
               f"{repeats} run(s) each", file=file)
         print(f"{'system':<8} {'lr':>7} " + " ".join(f"{s:>7}" for s in steps)
               + f" {'wall s':>16} {'start-up s':>11} {'after s':>8}", file=file)
         for name, runs in systems.items():
-            cells = [statistics.median(r["val_loss"][i] for r in runs) for i in range(len(steps))]
-            print(f"{name:<8} {runs[0]['lr'] or 0:>7.0e} " + " ".join(f"{c:>7.3f}" for c in cells)
+            cells = []
+            for step in steps:
+                at = [r["val_loss"][r["steps"].index(step)] for r in runs if step in r["steps"]]
+                cells.append(f"{statistics.median(at):>7.3f}" if at else f"{'':>7}")
+            print(f"{name:<8} {runs[0]['lr'] or 0:>7.0e} " + " ".join(cells)
                   + f" {spread([r['wall'] for r in runs]):>16}"
                   + f" {statistics.median(r['startup'] for r in runs):>11.1f}"
                   + f" {statistics.median(r['after_last_validation'] for r in runs):>8.1f}", file=file)
-        unit = [r["final"] for r in systems["unit"]]
-        stock = [r["final"] for r in systems["stock"]]
-        print(f"final: unit {spread(unit)}, stock {spread(stock)}, "
-              f"unit − stock {statistics.median(unit) - statistics.median(stock):+.3f}", file=file)
-        if corpus in NANOGPT:
-            print(f"nanoGPT (reference, same recipe): {NANOGPT[corpus][0]:.3f} in {NANOGPT[corpus][1]:.0f} s",
-                  file=file)
+        finals = {name: [r["final"] for r in runs] for name, runs in systems.items()}
+        print(f"final: unit {spread(finals['unit'])}, stock {spread(finals['stock'])}, "
+              f"unit − stock {statistics.median(finals['unit']) - statistics.median(finals['stock']):+.3f}",
+              file=file)
+        if "nanogpt" in systems:
+            print(f"nanoGPT, measured here: whole tail {spread(finals['nanogpt'])} (its row above: its own "
+                  f"20-batch estimate at each evaluation)", file=file)
+            for name in ("unit", "stock"):
+                ratios = [r["wall"] / n["wall"] for r, n in zip(systems[name], systems["nanogpt"], strict=True)]
+                print(f"wall {name} / nanoGPT: {spread(ratios)} (per seed: "
+                      + ", ".join(f"{x:.2f}" for x in ratios) + ")", file=file)
+        elif corpus in NANOGPT:
+            print(f"nanoGPT (reference machine, same recipe): {NANOGPT[corpus][0]:.3f} in "
+                  f"{NANOGPT[corpus][1]:.0f} s; --nanogpt-python measures it here", file=file)
 
 
 def plot(results: dict, path: Path) -> None:
@@ -148,8 +189,8 @@ def plot(results: dict, path: Path) -> None:
         for name, runs in systems.items():
             for i, r in enumerate(runs):
                 ax.plot(r["seconds_to"], r["val_loss"], marker="o", label=name if i == 0 else None,
-                        color="C0" if name == "unit" else "C1")
-        if corpus in NANOGPT:
+                        color={"unit": "C0", "stock": "C1"}.get(name, "C2"))
+        if corpus in NANOGPT and "nanogpt" not in systems:
             ax.scatter([NANOGPT[corpus][1]], [NANOGPT[corpus][0]], marker="*", s=120, color="C2", label="nanoGPT")
         ax.set(title=corpus, xlabel="wall seconds", ylabel="validation loss (nats/char)")
         ax.legend()
