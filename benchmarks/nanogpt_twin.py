@@ -13,15 +13,16 @@ README's CPU overrides ``--device=cpu --compile=False --eval_iters=20 --log_inte
   N(0, 0.02/√(2·layers));
 - training: AdamW (β = 0.9, 0.99; weight decay 0.1 on matrices only), learning rate 1e-3 with 100 warm-up steps
   and cosine decay to 1e-4 at the last step, gradients clipped to norm 1, float32, the loss read back every step
-  (log_interval 1); steps 0…2000 inclusive, as nanoGPT's loop runs them;
-- evaluation: every 250 steps the mean loss over 20 random batches of each split (nanoGPT's estimate), and a
-  checkpoint written when the validation estimate improves.
+  (log_interval 1); 2000 optimizer steps (nanoGPT's loop takes a 2001st after its last evaluation, which nothing
+  evaluates: left out); seed 0 is nanoGPT's ``torch.manual_seed(1337)``;
+- evaluation: every 250 steps (and at the last) the mean loss over 20 random batches of each split (nanoGPT's
+  estimate), and a checkpoint written when the validation estimate improves.
 
 Printed to stdout, one line each, with the seconds since the process started less the preparation
 (``prepare.py`` in nanoGPT, a separate command): ``first-step SECONDS``, ``eval STEP TRAIN VAL SECONDS``,
 ``done SECONDS`` (the training command's wall time) and then, outside the timed part, ``tail LOSS``: the loss
-over the whole validation tail in non-overlapping windows, as ``train.py`` scores it (not part of nanoGPT). Not nanoGPT's code: the same recipe, written here so that
-both systems run on one machine in one benchmark.
+over the whole validation tail in non-overlapping windows, as ``train.py`` scores it (not part of nanoGPT).
+Not nanoGPT's code: the same recipe, written here so that both systems run on one machine in one benchmark.
 """
 
 from __future__ import annotations
