@@ -27,6 +27,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -118,6 +119,8 @@ def main() -> None:
     p.add_argument("--plot", type=Path, default=None, help="PNG of validation loss against wall seconds")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
+    if args.nanogpt_python and shutil.which(args.nanogpt_python) is None:
+        p.error(f"--nanogpt-python: {args.nanogpt_python} is not an interpreter that can be run")
 
     results: dict[str, dict[str, list[dict]]] = {}
     for corpus in args.corpora:
