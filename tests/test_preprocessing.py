@@ -449,6 +449,9 @@ def test_word2vec_rejects_empty_input() -> None:
         train_word2vec([["a"], ["b"]], vector_size=4, min_count=2, progress=False)
     with pytest.raises(ValueError, match="vector_size"):
         train_word2vec([["a"]], vector_size=0, progress=False)
+    for tokens in (["a", 1], ["a", ["b"]], ["a", b"b"]):  # a number, an unhashable list, bytes
+        with pytest.raises(ValueError, match="lists of string tokens"):
+            train_word2vec([tokens], vector_size=4, progress=False)
 
 
 def _hand_made_kv() -> KeyedVectors:

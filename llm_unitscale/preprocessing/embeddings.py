@@ -16,11 +16,13 @@ File formats (chosen by the file name's suffix, optionally followed by ``.gz`` f
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import sys
 import tempfile
 import time
 import zlib
+from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
@@ -165,12 +167,12 @@ def train_word2vec(
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
     sentences = [list(s) for s in sentences]
-    if any(not all(isinstance(tok, str) for tok in s) for s in sentences):
+    try:  # counted at C speed (a Python loop took 0.5 s for 2.8 M characters); then each distinct token is checked
+        counts: Counter | None = Counter(itertools.chain.from_iterable(sentences))
+    except TypeError:  # an unhashable token
+        counts = None
+    if counts is None or not all(isinstance(tok, str) for tok in counts):
         raise ValueError("train_word2vec expects lists of string tokens")
-    counts: dict[str, int] = {}
-    for sentence in sentences:
-        for tok in sentence:
-            counts[tok] = counts.get(tok, 0) + 1
     if not any(n >= min_count for n in counts.values()):
         raise ValueError(f"cannot train word2vec: no token occurs at least min_count={min_count} times")
     callbacks = [_EpochProgress(epochs, sys.stderr)] if progress else []
