@@ -66,6 +66,22 @@ def test_evaluate_lm_metrics(repetitive_run: Path, tmp_path: Path) -> None:
     assert metrics["tokens"] == 8 and metrics["unk_rate"] == 0.0
 
 
+def test_evaluation_pass_is_the_models_call_for_any_batch_shape(repetitive_run: Path) -> None:
+    """evaluate.py scores through one traced graph; it must give what calling the model gives, for the full
+    batches, a smaller last batch and a last window shorter than the context."""
+    import numpy as np
+
+    from llm_unitscale.evaluation import inference_pass
+    from llm_unitscale.runs import load_run
+
+    run = load_run(repetitive_run)
+    forward = inference_pass(run.model)
+    rng = np.random.default_rng(0)
+    for shape in ((4, run.seq_len), (3, run.seq_len), (1, run.seq_len - 5), (2, 1)):
+        ids = rng.integers(0, len(run.vocab), size=shape).astype(np.int32)
+        np.testing.assert_allclose(forward(ids), np.asarray(run.model(ids, training=False)), rtol=1e-5, atol=1e-5)
+
+
 def test_english_and_chinese_lm(tmp_path: Path) -> None:
     english = tmp_path / "lee.txt"
     english.write_text(Path(datapath("lee_background.cor")).read_text(encoding="utf-8")[:30000], encoding="utf-8")
