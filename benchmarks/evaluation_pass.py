@@ -35,17 +35,13 @@ BATCH = 32  # evaluate_lm's default
 
 def tail_batches(seq_len: int) -> tuple[list[np.ndarray], int]:
     """(input id batches as evaluate_lm makes them, vocabulary size) for warpeace's last 10 %."""
-    from llm_unitscale.evaluation import lm_chunks
+    from llm_unitscale.evaluation import lm_batches
 
     text = CORPUS.read_text(encoding="utf-8")
     tail = text[int(len(text) * 0.9):]
     index = {c: i + 1 for i, c in enumerate(sorted(set(text)))}
     ids = np.fromiter((index[c] for c in tail), dtype=np.int32, count=len(tail))
-    chunks = lm_chunks(ids, seq_len)
-    full = [c for c in chunks if len(c) == seq_len + 1]
-    groups = [np.stack(full[i : i + BATCH]) for i in range(0, len(full), BATCH)]
-    groups += [c[None] for c in chunks if len(c) != seq_len + 1]
-    return [g[:, :-1] for g in groups], len(index) + 1
+    return [batch[:, :-1] for batch in lm_batches(ids, seq_len, BATCH)], len(index) + 1
 
 
 def main() -> None:

@@ -23,6 +23,15 @@ def lm_chunks(ids: np.ndarray, seq_len: int) -> list[np.ndarray]:
     return [ids[start : start + seq_len + 1] for start in range(0, max(len(ids) - 1, 0), seq_len)]
 
 
+def lm_batches(ids: np.ndarray, seq_len: int, batch_size: int) -> list[np.ndarray]:
+    """:func:`lm_chunks` stacked ``batch_size`` at a time, each (B, seq_len + 1); a shorter last piece comes
+    alone, as (1, its length)."""
+    chunks = lm_chunks(ids, seq_len)
+    full = [c for c in chunks if len(c) == seq_len + 1]
+    batches = [np.stack(full[i : i + batch_size]) for i in range(0, len(full), batch_size)]
+    return batches + [c[None] for c in chunks if len(c) != seq_len + 1]
+
+
 def inference_pass(model: Any) -> Callable[[np.ndarray], np.ndarray]:
     """``model(ids, training=False)`` as one traced graph for id batches of any shape (B, T): traced once.
 
@@ -45,13 +54,10 @@ def evaluate_lm(run: Run, text: str, batch_size: int = 32) -> dict:
     if len(ids) < 2:
         raise data_mod.DataError("the evaluation text has fewer than 2 tokens")
     ids = np.concatenate([[run.vocab.eos_id], ids]).astype(np.int32)  # the first line starts after an <eos>
-    chunks = lm_chunks(ids, run.seq_len)
     nll_sum, top1, top5, count = 0.0, 0, 0, 0
     position_nll = np.zeros(run.seq_len)
     position_count = np.zeros(run.seq_len)
-    full = [c for c in chunks if len(c) == run.seq_len + 1]
-    groups = [np.stack(full[i : i + batch_size]) for i in range(0, len(full), batch_size)]
-    groups += [c[None] for c in chunks if len(c) != run.seq_len + 1]
+    groups = lm_batches(ids, run.seq_len, batch_size)
     forward = inference_pass(run.model)
     for group in groups:
         x, y = group[:, :-1], group[:, 1:]
@@ -76,7 +82,7 @@ def evaluate_lm(run: Run, text: str, batch_size: int = 32) -> dict:
         "bits_per_char": nll_sum / math.log(2) / max(len(text), 1),
         "tokens": int(count),
         "unk_rate": float(np.mean(words == run.vocab.unk_id)) if len(words) else 0.0,
-        "examples": len(chunks),
+        "examples": sum(len(group) for group in groups),
         "position_loss": (position_nll / np.maximum(position_count, 1)).tolist(),
     }
 
