@@ -2,7 +2,7 @@
 
     python benchmarks/lm_recipe.py [--corpora warpeace sanguo] [--steps 2000] [--eval-every 250]
                                    [--repeats 1] [--lr-unit X] [--lr-stock X] [--nanogpt-python PY]
-                                   [--plot FILE] [--json]
+                                   [--word2vec train|reuse] [--plot FILE] [--json]
 
 The recipe (nanoGPT's README, "I only have a macbook"): 4 layers, 4 heads, width 128, context 64, batch 12,
 2000 steps, character tokens. Each system is the real command, ``train.py DATA --tokenizer char …`` in a child
@@ -13,6 +13,11 @@ Reported per system: the validation loss at each evaluation, the wall seconds to
 the whole command's wall time, the start-up (command start to the first optimizer step: imports, reading,
 tokenising, building, tracing) and the time after the last validation (saving the run). With ``--repeats N``
 each system runs N times with seeds 0…N−1 and the table gives the median and the range.
+
+Word2Vec: with ``--word2vec train`` (the default) every command trains its character vectors, as a user's first
+run on a file does (``LLM_UNITSCALE_WORD2VEC_CACHE=0``); with ``--word2vec reuse`` every command reads them
+from the cache beside the prepared corpus, as a later run on the same file does (``embedding_cache``), after an
+untimed one-step run per seed has kept them. The prepared corpus is read from the cache in both.
 
 nanoGPT on the same machine: ``--nanogpt-python PYTHON`` (an interpreter with PyTorch) runs the same recipe in
 nanoGPT's own model and loop (``benchmarks/nanogpt_twin.py``, alternating with the two systems), adds its row —
@@ -45,7 +50,8 @@ NANOGPT = {"warpeace": (1.760, 73.0), "sanguo": (4.774, 120.0)}
 STEP_LINE = re.compile(r"^step (\d+)/\d+ .*?([\d.]+) ms/step")
 
 
-def run_once(data: Path, unit: bool, lr: float | None, steps: int, eval_every: int, seed: int) -> dict:
+def run_once(data: Path, unit: bool, lr: float | None, steps: int, eval_every: int, seed: int,
+             reuse_word2vec: bool) -> dict:
     """One ``train.py`` command; the stderr lines are timestamped as they arrive."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "run"
@@ -56,8 +62,9 @@ def run_once(data: Path, unit: bool, lr: float | None, steps: int, eval_every: i
         command += [] if lr is None else ["--lr", str(lr)]
         started = time.perf_counter()
         child = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                 env={**os.environ, "PYTHONPATH": str(ROOT)})
+                                 env=child_env(reuse_word2vec))
         first_step = None
+        word2vec = "none"
         validations: list[float] = []
         assert child.stderr is not None
         for line in child.stderr:
@@ -66,6 +73,10 @@ def run_once(data: Path, unit: bool, lr: float | None, steps: int, eval_every: i
                 first_step = now - int(match.group(1)) * float(match.group(2)) / 1000.0
             if "val_loss" in line:
                 validations.append(now)
+            if line.startswith("training Word2Vec"):
+                word2vec = "trained"
+            elif line.startswith("Word2Vec (") and "reusing" in line:
+                word2vec = "reused"
         stdout = child.stdout.read() if child.stdout else ""
         code = child.wait()
         wall = time.perf_counter() - started
@@ -78,7 +89,24 @@ def run_once(data: Path, unit: bool, lr: float | None, steps: int, eval_every: i
     seconds = validations[-len(val):] if len(validations) >= len(val) else [float("nan")] * len(val)
     return {"steps": [int(s) for s in history["step"]], "val_loss": val, "seconds_to": seconds, "wall": wall,
             "startup": first_step if first_step is not None else float("nan"),
-            "after_last_validation": wall - seconds[-1], "lr": lr_used, "final": val[-1]}
+            "after_last_validation": wall - seconds[-1], "lr": lr_used, "final": val[-1], "word2vec": word2vec}
+
+
+def child_env(reuse_word2vec: bool) -> dict[str, str]:
+    """A command's environment: the checkout importable, the Word2Vec cache on or off."""
+    from llm_unitscale.embedding_cache import ENV
+
+    return {**os.environ, "PYTHONPATH": str(ROOT), ENV: "1" if reuse_word2vec else "0"}
+
+
+def keep_word2vec(data: Path, seed: int) -> None:
+    """An untimed one-step run of the recipe, so that the cache holds the corpus's vectors for ``seed``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        command = [sys.executable, str(ROOT / "train.py"), str(data), "--out", str(Path(tmp) / "run"), *RECIPE,
+                   "--max-steps", "1", "--seed", str(seed)]
+        done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=child_env(True))
+    if done.returncode != 0:
+        raise SystemExit(f"error: {' '.join(command)} exited {done.returncode}: {done.stderr.strip()[-300:]}")
 
 
 def run_nanogpt(python: str, data: Path, steps: int, seed: int) -> dict:
@@ -116,6 +144,9 @@ def main() -> None:
     p.add_argument("--lr-stock", type=float, default=None, help="default: the package's default")
     p.add_argument("--nanogpt-python", default=None, metavar="PYTHON",
                    help="a Python interpreter with PyTorch: also run nanoGPT's recipe (nanogpt_twin.py) here")
+    p.add_argument("--word2vec", choices=("train", "reuse"), default="train",
+                   help="train: every command trains its Word2Vec vectors (a first run on a file; default); "
+                   "reuse: every command reads them from the cache (a later run)")
     p.add_argument("--plot", type=Path, default=None, help="PNG of validation loss against wall seconds")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
@@ -126,13 +157,16 @@ def main() -> None:
     for corpus in args.corpora:
         data = DATA / f"{corpus}.txt"
         results[corpus] = {"unit": [], "stock": []} | ({"nanogpt": []} if args.nanogpt_python else {})
+        for seed in range(args.repeats) if args.word2vec == "reuse" else ():
+            keep_word2vec(data, seed)
         for seed in range(args.repeats):  # alternate the systems so that machine load hits each alike
             for name in results[corpus]:
                 if name == "nanogpt":
                     result = run_nanogpt(args.nanogpt_python, data, args.steps, seed)
                 else:
                     lr = args.lr_unit if name == "unit" else args.lr_stock
-                    result = run_once(data, name == "unit", lr, args.steps, args.eval_every, seed)
+                    result = run_once(data, name == "unit", lr, args.steps, args.eval_every, seed,
+                                      args.word2vec == "reuse")
                 results[corpus][name].append(result)
                 print(f"{corpus} {name} seed {seed}: val {result['final']:.4f}, {result['wall']:.1f} s",
                       file=sys.stderr, flush=True)
@@ -140,7 +174,8 @@ def main() -> None:
     # with --json the document goes to stdout and the table to stderr
     print_table(results, args.repeats, sys.stderr if args.json else sys.stdout)
     if args.json:
-        print(json.dumps({"recipe": RECIPE, "steps": args.steps, "nanogpt": NANOGPT, "results": results}, indent=1))
+        print(json.dumps({"recipe": RECIPE, "steps": args.steps, "word2vec": args.word2vec, "nanogpt": NANOGPT,
+                          "results": results}, indent=1))
     if args.plot:
         plot(results, args.plot)
 
@@ -151,8 +186,10 @@ def print_table(results: dict, repeats: int, file: TextIO) -> None:
     nanoGPT measured, each system's wall time over nanoGPT's."""
     for corpus, systems in results.items():
         steps = sorted({s for runs in systems.values() for s in runs[0]["steps"]})
+        word2vec = ", ".join(f"{name} {r['word2vec']}" for name, runs in systems.items() for r in runs[:1]
+                             if "word2vec" in r and all(o.get("word2vec") == r["word2vec"] for o in runs))
         print(f"\n{corpus}: validation loss (nats/char, whole held-out tail) at step; seconds; "
-              f"{repeats} run(s) each", file=file)
+              f"{repeats} run(s) each; Word2Vec vectors: {word2vec or 'mixed'}", file=file)
         print(f"{'system':<8} {'lr':>7} " + " ".join(f"{s:>7}" for s in steps)
               + f" {'wall s':>16} {'start-up s':>11} {'after s':>8}", file=file)
         for name, runs in systems.items():

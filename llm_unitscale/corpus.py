@@ -37,6 +37,7 @@ class Corpus:
     token_lines: list[list[str]] | None  # classify: training tokens per text (for Word2Vec); lm: None
     features: Any = None  # classify with arch "bag": the preprocessing.ngrams.BagOfNgrams recipe
     data_sha256: str | None = None  # the text's hash (``data.corpus_hash``; lm: from the prepared corpus)
+    prepared_path: Path | None = None  # lm: the prepared corpus's folder in the cache (``prepared.Prepared.path``)
 
     def word2vec_lines(self) -> tuple[list[list[str]], int, int]:
         """(sentences, epochs, all sentences) for Word2Vec: ``embeddings.word2vec_plan``'s bounded sample of the
@@ -108,7 +109,7 @@ def prepare_lm(cfg: TrainConfig, log: TextIO = sys.stderr) -> Corpus:
         )
     print(ready.summary(), file=log)
     return Corpus("lm", ready.tokenizer, ready.vocab, None, ready.train, ready.val, ready.val_path, None,
-                  data_sha256=ready.manifest["data_sha256"])
+                  data_sha256=ready.manifest["data_sha256"], prepared_path=ready.path)
 
 
 def prepare_classifier(cfg: TrainConfig, text: str) -> Corpus:

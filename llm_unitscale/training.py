@@ -265,17 +265,34 @@ def epoch_plan(steps_per_epoch: int, epochs: int, max_steps: int | None) -> tupl
 
 
 def init_embeddings(cfg: TrainConfig, corpus: Corpus, model: Any, work: Path, log: TextIO) -> dict:
-    """Initialise the token embedding table from Word2Vec (trained here) or the user's vectors."""
-    if cfg.embeddings == "none":  # before importing gensim, which costs 0.8–1.4 s of start-up
+    """Initialise the token embedding table from Word2Vec (trained here, or a language model's vectors kept from
+    an earlier run on the same prepared corpus: ``embedding_cache``) or the user's vectors."""
+    if cfg.embeddings == "none":  # gensim is imported only to train or read vectors (≈ 1 s)
         return {"embeddings": "none"}
+    from llm_unitscale import embedding_cache
     from llm_unitscale.preprocessing import embeddings as emb
 
+    kv: Any
+    kept: Path | None = None  # the run's embeddings.kv, when an entry already holds it
+    entry: Path | None = None  # where this run's Word2Vec vectors are kept (a language model's)
+    trained_on: dict = {}
     if cfg.embeddings == "word2vec":
-        lines, epochs, every = corpus.word2vec_lines()
-        sample = "" if len(lines) == every else f" (a sample of {every:,})"
-        print(f"training Word2Vec ({cfg.width} dims, {epochs} epoch{'s' * (epochs > 1)}) on {len(lines):,} "
-              f"lines{sample}, {sum(map(len, lines)):,} tokens", file=log)
-        kv = emb.train_word2vec(lines, vector_size=cfg.width, seed=cfg.seed, epochs=epochs, progress=True)
+        cache = embedding_cache.settings(cfg.width, cfg.seed)
+        if corpus.prepared_path is not None and embedding_cache.enabled():
+            entry = embedding_cache.entry_path(corpus.prepared_path, cache)
+        found = embedding_cache.load(entry, cache) if entry is not None else None
+        if found is not None:
+            kv, kept = found, found.keyed_vectors_file
+            print(f"Word2Vec ({cfg.width} dims, {found.manifest['epochs']} epochs on {found.manifest['tokens']:,} "
+                  f"tokens): reusing {entry}", file=log)
+        else:
+            lines, epochs, every = corpus.word2vec_lines()
+            sample = "" if len(lines) == every else f" (a sample of {every:,})"
+            tokens = sum(map(len, lines))
+            print(f"training Word2Vec ({cfg.width} dims, {epochs} epoch{'s' * (epochs > 1)}) on {len(lines):,} "
+                  f"lines{sample}, {tokens:,} tokens", file=log)
+            kv = emb.train_word2vec(lines, vector_size=cfg.width, seed=cfg.seed, epochs=epochs, progress=True)
+            trained_on = {"lines": len(lines), "tokens": tokens, "epochs": epochs}
     else:
         kv = emb.load_keyed_vectors(cfg.embeddings)
         if kv.vector_size != cfg.width:
@@ -290,7 +307,12 @@ def init_embeddings(cfg: TrainConfig, corpus: Corpus, model: Any, work: Path, lo
     if matrix.shape[0] < table.shape[0]:  # bag: the vocabulary's rows come first, then the n-gram buckets
         matrix = np.concatenate([matrix, table.numpy()[matrix.shape[0]:]])
     table.assign(matrix.astype(table.dtype))
-    emb.save_keyed_vectors(kv, work / runs.EMBEDDINGS)
+    if kept is not None:
+        files.atomic_copy(kept, work / runs.EMBEDDINGS)
+    else:
+        emb.save_keyed_vectors(kv, work / runs.EMBEDDINGS)
+        if entry is not None:
+            embedding_cache.store(entry, cache, kv, work / runs.EMBEDDINGS, trained_on, log)
     print(f"embeddings: {cfg.embeddings}, coverage {coverage:.1%} of the vocabulary", file=log)
     return {"embeddings": cfg.embeddings, "embedding_coverage": round(float(coverage), 4)}
 

@@ -1,14 +1,18 @@
 """Text preprocessing: tokenizer, vocabulary and word-vector embeddings.
 
-The embedding helpers need gensim (a ~1 s import); they are imported lazily, on first use of one of
-their names, so that tokenizing and encoding text does not pay for it.
+The embedding helpers import gensim (a ~1 s import) inside the functions that train, read or write vectors,
+so that tokenizing and encoding text does not pay for it.
 """
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
-
+from llm_unitscale.preprocessing.embeddings import (
+    EmbeddingError,
+    embedding_matrix,
+    load_keyed_vectors,
+    save_keyed_vectors,
+    train_word2vec,
+)
 from llm_unitscale.preprocessing.tokenizer import Tokenizer, TokenizerError, jieba_available
 from llm_unitscale.preprocessing.vocabulary import (
     BOS,
@@ -20,23 +24,6 @@ from llm_unitscale.preprocessing.vocabulary import (
     Vocabulary,
     VocabularyError,
 )
-
-if TYPE_CHECKING:
-    from llm_unitscale.preprocessing.embeddings import (
-        EmbeddingError,
-        embedding_matrix,
-        load_keyed_vectors,
-        save_keyed_vectors,
-        train_word2vec,
-    )
-
-_LAZY = {
-    "EmbeddingError",
-    "embedding_matrix",
-    "load_keyed_vectors",
-    "save_keyed_vectors",
-    "train_word2vec",
-}
 
 __all__ = [
     "BOS",
@@ -57,16 +44,3 @@ __all__ = [
     "train_word2vec",
 ]
 
-
-def __getattr__(name: str) -> Any:
-    """Import the gensim-based embedding helpers on first access."""
-    if name in _LAZY:
-        module = importlib.import_module("llm_unitscale.preprocessing.embeddings")
-        value = getattr(module, name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | _LAZY)

@@ -24,17 +24,18 @@ import time
 import zlib
 from collections import Counter
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING, Any, Protocol, TextIO
 
 import numpy as np
-from gensim.models import KeyedVectors, Word2Vec
-from gensim.models.callbacks import CallbackAny2Vec
 
 if TYPE_CHECKING:
+    from gensim.models import KeyedVectors, Word2Vec
+
     from llm_unitscale.preprocessing.vocabulary import Vocabulary
 
 __all__ = [
     "EmbeddingError",
+    "WordVectors",
     "embedding_matrix",
     "load_keyed_vectors",
     "save_keyed_vectors",
@@ -57,8 +58,12 @@ def _stable_hash(text: str) -> int:
     return zlib.crc32(text.encode("utf-8"))
 
 
-class _EpochProgress(CallbackAny2Vec):
-    """Prints one line per Word2Vec epoch (epoch, elapsed seconds, training loss) to a stream."""
+class _EpochProgress:
+    """Prints one line per Word2Vec epoch (epoch, elapsed seconds, training loss) to a stream.
+
+    gensim calls a callback's ``on_train_begin``, ``on_epoch_begin``, ``on_epoch_end`` and ``on_train_end``
+    (``gensim.models.callbacks.CallbackAny2Vec``'s four methods, all defined here): no base class, so that this
+    module imports without gensim (≈ 1 s), which a run needs only to train or read vectors."""
 
     def __init__(self, epochs: int, stream: TextIO) -> None:
         self.epochs = epochs
@@ -69,6 +74,12 @@ class _EpochProgress(CallbackAny2Vec):
 
     def on_train_begin(self, model: Word2Vec) -> None:
         self.start = time.perf_counter()
+
+    def on_epoch_begin(self, model: Word2Vec) -> None:
+        pass
+
+    def on_train_end(self, model: Word2Vec) -> None:
+        pass
 
     def on_epoch_end(self, model: Word2Vec) -> None:
         self.epoch += 1
@@ -105,6 +116,9 @@ class _CountedSentences:
 #: Most token passes Word2Vec makes at the start of a run (epochs × tokens), and most epochs.
 WORD2VEC_TOKEN_BUDGET = 10_000_000
 WORD2VEC_MAX_EPOCHS = 10
+#: CBOW's context on each side, and the fewest occurrences for a token to get a vector.
+WORD2VEC_WINDOW = 5
+WORD2VEC_MIN_COUNT = 1
 
 
 def word2vec_plan(sentences: list[list[str]], budget: int = WORD2VEC_TOKEN_BUDGET,
@@ -133,8 +147,8 @@ def train_word2vec(
     vector_size: int,
     seed: int = 0,
     epochs: int = 10,
-    window: int = 5,
-    min_count: int = 1,
+    window: int = WORD2VEC_WINDOW,
+    min_count: int = WORD2VEC_MIN_COUNT,
     progress: bool = True,
 ) -> KeyedVectors:
     """Train CBOW Word2Vec on tokenized sentences and return its word vectors.
@@ -166,6 +180,8 @@ def train_word2vec(
     ):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    from gensim.models import Word2Vec
+
     sentences = [list(s) for s in sentences]
     try:  # counted at C speed (0.2 s for 2.8 M characters, a Python loop 0.7 s); then each distinct token checked
         counts: Counter | None = Counter(itertools.chain.from_iterable(sentences))
@@ -226,6 +242,8 @@ def load_keyed_vectors(path: str | os.PathLike[str]) -> KeyedVectors:
     Raises:
         EmbeddingError: ``"PATH: problem"`` for a missing, unreadable, corrupt or unrecognised file.
     """
+    from gensim.models import KeyedVectors
+
     path = Path(path)
     kind = _kind(path)
     if not path.exists():
@@ -262,6 +280,8 @@ def save_keyed_vectors(kv: KeyedVectors, path: str | os.PathLike[str]) -> None:
         EmbeddingError: the file name has an unknown suffix.
         TypeError: ``kv`` is not a ``KeyedVectors``.
     """
+    from gensim.models import KeyedVectors
+
     if not isinstance(kv, KeyedVectors):
         raise TypeError(f"save_keyed_vectors expects gensim KeyedVectors, got {type(kv).__name__}")
     path = Path(path)
@@ -287,8 +307,17 @@ def save_keyed_vectors(kv: KeyedVectors, path: str | os.PathLike[str]) -> None:
             raise
 
 
+class WordVectors(Protocol):
+    """What :func:`embedding_matrix` reads of a table of word vectors: gensim's ``KeyedVectors``, or
+    ``embedding_cache.CachedVectors`` (the same vectors read back without gensim)."""
+
+    vector_size: int
+    key_to_index: dict[str, int]
+    vectors: np.ndarray
+
+
 def embedding_matrix(
-    vocab: Vocabulary, kv: KeyedVectors, seed: int = 0, remove_top: int = 3
+    vocab: Vocabulary, kv: WordVectors, seed: int = 0, remove_top: int = 3
 ) -> tuple[np.ndarray, float]:
     """Build an embedding table for ``vocab`` from word vectors, every row at unit scale.
 
@@ -305,7 +334,7 @@ def embedding_matrix(
 
     Args:
         vocab: The vocabulary (anything with a ``tokens`` list in id order, special tokens first).
-        kv: The word vectors.
+        kv: The word vectors (``KeyedVectors`` or anything with its three attributes: :class:`WordVectors`).
         seed: Seed for the random rows.
         remove_top: How many principal directions to remove (0: only centre; skipped below 100 vectors).
 
