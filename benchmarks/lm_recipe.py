@@ -51,8 +51,9 @@ STEP_LINE = re.compile(r"^step (\d+)/\d+ .*?([\d.]+) ms/step")
 
 
 def run_once(data: Path, unit: bool, lr: float | None, steps: int, eval_every: int, seed: int,
-             reuse_word2vec: bool) -> dict:
-    """One ``train.py`` command; the stderr lines are timestamped as they arrive."""
+             env: dict[str, str]) -> dict:
+    """One ``train.py`` command in the environment ``env`` (:func:`child_env`, made before the clock starts); the
+    stderr lines are timestamped as they arrive."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "run"
         command = [sys.executable, str(ROOT / "train.py"), str(data), "--out", str(out), *RECIPE,
@@ -62,7 +63,7 @@ def run_once(data: Path, unit: bool, lr: float | None, steps: int, eval_every: i
         command += [] if lr is None else ["--lr", str(lr)]
         started = time.perf_counter()
         child = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                 env=child_env(reuse_word2vec))
+                                 env=env)
         first_step = None
         word2vec = "none"
         validations: list[float] = []
@@ -154,6 +155,7 @@ def main() -> None:
         p.error(f"--nanogpt-python: {args.nanogpt_python} is not an interpreter that can be run")
 
     results: dict[str, dict[str, list[dict]]] = {}
+    env = child_env(args.word2vec == "reuse")  # imports the package here, not inside a timed command
     for corpus in args.corpora:
         data = DATA / f"{corpus}.txt"
         results[corpus] = {"unit": [], "stock": []} | ({"nanogpt": []} if args.nanogpt_python else {})
@@ -165,8 +167,7 @@ def main() -> None:
                     result = run_nanogpt(args.nanogpt_python, data, args.steps, seed)
                 else:
                     lr = args.lr_unit if name == "unit" else args.lr_stock
-                    result = run_once(data, name == "unit", lr, args.steps, args.eval_every, seed,
-                                      args.word2vec == "reuse")
+                    result = run_once(data, name == "unit", lr, args.steps, args.eval_every, seed, env)
                 results[corpus][name].append(result)
                 print(f"{corpus} {name} seed {seed}: val {result['final']:.4f}, {result['wall']:.1f} s",
                       file=sys.stderr, flush=True)
