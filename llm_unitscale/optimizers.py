@@ -144,6 +144,38 @@ def _scale_gradient(g: Any, s: float) -> Any:
 
 
 @keras.saving.register_keras_serializable(package="llm_unitscale")
+class WarmupCosineDecay(keras.optimizers.schedules.CosineDecay):
+    """Keras's ``CosineDecay`` with linear warm-up (the same formula, the same ops: η_t = η·t/W for t < W, then
+    η·((1 − α)·½(1 + cos(π·min(t − W, D)/D)) + α)), whose peak η, warm-up W and decay length D are variables
+    instead of constants of the traced step.
+
+    XLA compiles the training step with the schedule inside it, and its persistent cache (``compile_cache``)
+    finds a program only when the whole program is the same: with ``CosineDecay`` every ``--lr`` and every
+    ``--max-steps`` was another program, compiled afresh. Here they are the program's inputs, so a run with
+    another peak or length loads the step the last run compiled. α stays a constant (0.1 in every run);
+    ``get_config`` gives plain numbers, so a saved model loads as before.
+    """
+
+    def __init__(self, initial_learning_rate: float, decay_steps: int, alpha: float = 0.0,
+                 name: str = "WarmupCosineDecay", warmup_target: float | None = None, warmup_steps: int = 0) -> None:
+        super().__init__(initial_learning_rate, decay_steps, alpha=alpha, name=name, warmup_target=warmup_target,
+                         warmup_steps=warmup_steps)
+        if warmup_target is None:
+            raise ValueError("WarmupCosineDecay needs a warmup_target (the peak learning rate)")
+
+        def variable(value: float, what: str) -> tf.Variable:
+            return tf.Variable(float(value), trainable=False, dtype=tf.float32, name=f"{name}_{what}")
+
+        self._given = {"decay_steps": decay_steps, "warmup_steps": warmup_steps, "warmup_target": warmup_target}
+        self.decay_steps = variable(decay_steps, "decay_steps")
+        self.warmup_steps = variable(warmup_steps, "warmup_steps")
+        self.warmup_target = variable(warmup_target, "peak")
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), **self._given}
+
+
+@keras.saving.register_keras_serializable(package="llm_unitscale")
 class UnitAdamW(keras.optimizers.AdamW):
     """AdamW with u-μP per-variable learning-rate multipliers and the √R replica correction (module docs).
 

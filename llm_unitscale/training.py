@@ -377,7 +377,8 @@ def distribution_scope(cfg: TrainConfig) -> Any:
 
 
 def make_optimizer(cfg: TrainConfig, lr: float, total_steps: int) -> keras.optimizers.Optimizer:
-    """AdamW, linear warm-up to ``lr`` then cosine decay to lr/10.
+    """AdamW, linear warm-up to ``lr`` then cosine decay to lr/10 (``optimizers.WarmupCosineDecay``: the peak
+    and the lengths are inputs of the compiled step, so another ``--lr`` or ``--max-steps`` reuses it).
 
     ``optimizers.UnitAdamW``: for unit-scaled models ``cfg.lr_rule`` ("umup": u-μP per-parameter multipliers,
     "uniform": none) and the √replicas gradient correction under tf.distribute; the stock baseline always gets
@@ -389,7 +390,7 @@ def make_optimizer(cfg: TrainConfig, lr: float, total_steps: int) -> keras.optim
 
     _, lr = distribute.scaled_batch_and_lr(cfg.batch_size, lr, distribute.num_replicas(), cfg.batch_rule)
     warmup = min(cfg.warmup_steps, max(total_steps // 10, 1))
-    schedule = keras.optimizers.schedules.CosineDecay(
+    schedule = optimizers.WarmupCosineDecay(
         0.0, decay_steps=max(total_steps - warmup, 1), alpha=0.1, warmup_target=lr, warmup_steps=warmup
     )
     return optimizers.UnitAdamW(

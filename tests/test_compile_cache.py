@@ -3,6 +3,7 @@ training step instead of compiling it, computes the same, and damaged entries ne
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -19,14 +20,14 @@ from llm_unitscale import compile_cache
 LOADED = "Loading cached entry"
 
 
-def train(corpus: Path, out: Path, cache: Path) -> subprocess.CompletedProcess:
+def train(corpus: Path, out: Path, cache: Path, steps: str = "6", *options: str) -> subprocess.CompletedProcess:
     jit = [option for option in TINY if option != "--no-jit"]  # XLA on: the language model's default
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "0",
            "TF_CPP_VMODULE": "device_executable_persistor=1"}
     env.pop(compile_cache.ENV, None)
     env.pop("TF_XLA_FLAGS", None)
     return subprocess.run([sys.executable, str(ROOT / "train.py"), str(corpus), "--out", str(out), "--cache",
-                           str(cache), "--max-steps", "6", "--embeddings", "none", *jit],
+                           str(cache), "--max-steps", steps, "--embeddings", "none", *jit, *options],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -39,7 +40,8 @@ def two_runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
     first = train(corpus, root / "first", cache)
     entries = sorted((cache / "xla").glob("*/*.pb"))
     second = train(corpus, root / "second", cache)
-    return {"root": root, "first": first, "second": second, "entries": entries}
+    other_schedule = train(corpus, root / "other", cache, "9", "--lr", "0.02")
+    return {"root": root, "first": first, "second": second, "other_schedule": other_schedule, "entries": entries}
 
 
 def test_a_second_run_loads_the_compiled_step_and_computes_the_same(two_runs: dict) -> None:
@@ -50,6 +52,17 @@ def test_a_second_run_loads_the_compiled_step_and_computes_the_same(two_runs: di
     assert LOADED not in first.stderr and LOADED in second.stderr
     metrics = [(Path(two_runs["root"]) / name / "metrics.json").read_text() for name in ("first", "second")]
     assert metrics[0] == metrics[1]
+
+
+def test_another_length_and_learning_rate_load_the_same_compiled_step(two_runs: dict) -> None:
+    """The schedule's peak and length are inputs of the program (``optimizers.WarmupCosineDecay``), not
+    constants: a run with another ``--max-steps`` and ``--lr`` loads the step the first run compiled."""
+    other = two_runs["other_schedule"]
+    assert other.returncode == 0, other.stderr[-2000:]
+    assert LOADED in other.stderr
+    steps = [json.loads((Path(two_runs["root"]) / name / "history.json").read_text())["step"][-1]
+             for name in ("first", "other")]
+    assert steps[1] > steps[0]  # another schedule length indeed
 
 
 def test_entries_that_are_not_whole_are_deleted_before_tensorflow_reads_them(two_runs: dict,

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import keras
 import numpy as np
 import pytest
@@ -106,7 +104,8 @@ def test_make_optimizer_follows_the_config() -> None:
     assert stock.lr_rule == "uniform" and not stock.replica_correction
     assert unit.position_lr == optimizers.POSITION_LR and stock.position_lr == 1.0  # the stock twin: plain AdamW
     assert float(keras.ops.convert_to_numpy(unit.learning_rate)) == 0.0  # warm-up starts at 0
-    assert math.isclose(unit._learning_rate.warmup_target, 0.3)
+    assert isinstance(unit._learning_rate, optimizers.WarmupCosineDecay)
+    assert unit._learning_rate.get_config()["warmup_target"] == 0.3
 
 
 def test_sparse_updates_move_only_the_batch_rows_as_adam_would() -> None:
@@ -163,3 +162,30 @@ def test_rows_known_distinct_skip_the_summing_and_move_as_adam_would() -> None:
     np.testing.assert_allclose(table.numpy()[[2, 5, 7]], dense.numpy()[[2, 5, 7]], rtol=1e-5, atol=1e-6)
     untouched = [0, 1, 3, 4, 6, 8, 9]
     np.testing.assert_array_equal(table.numpy()[untouched], before[untouched])
+
+
+@pytest.mark.parametrize(("peak", "total", "warmup"), [(3e-2, 2000, 100), (1e-2, 360, 36), (3e-3, 7, 1)])
+def test_warmup_cosine_decay_is_keras_cosine_decay_with_its_numbers_as_variables(peak: float, total: int,
+                                                                                 warmup: int) -> None:
+    """The same learning rate as Keras's CosineDecay at every step, to the bit, with the peak, warm-up and
+    decay length held in variables (inputs of a compiled step, not constants), and a config of plain numbers."""
+    options = {"decay_steps": total - warmup, "alpha": 0.1, "warmup_target": peak, "warmup_steps": warmup}
+    keras_schedule = keras.optimizers.schedules.CosineDecay(0.0, **options)
+    schedule = optimizers.WarmupCosineDecay(0.0, **options)
+    steps = [0, 1, warmup - 1, warmup, warmup + 1, total // 2, total - 1, total, total + 10]
+    for step in steps:
+        at = tf.constant(step, tf.int64)
+        assert float(schedule(at)) == float(keras_schedule(at)), step
+    assert all(isinstance(v, tf.Variable) for v in (schedule.decay_steps, schedule.warmup_steps,
+                                                    schedule.warmup_target))
+    config = schedule.get_config()
+    assert config == {**keras_schedule.get_config(), "name": "WarmupCosineDecay"}
+    restored = keras.optimizers.schedules.deserialize(keras.optimizers.schedules.serialize(schedule))
+    assert isinstance(restored, optimizers.WarmupCosineDecay) and restored.get_config() == config
+    schedule.warmup_target.assign(peak / 2)  # read at each call: a compiled step sees the new value
+    assert float(schedule(tf.constant(warmup, tf.int64))) == pytest.approx(peak / 2)
+
+
+def test_warmup_cosine_decay_needs_its_peak() -> None:
+    with pytest.raises(ValueError, match="warmup_target"):
+        optimizers.WarmupCosineDecay(0.0, decay_steps=10)
