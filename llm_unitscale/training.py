@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import platform
 import sys
@@ -265,34 +266,13 @@ def epoch_plan(steps_per_epoch: int, epochs: int, max_steps: int | None) -> tupl
 
 
 def init_embeddings(cfg: TrainConfig, corpus: Corpus, model: Any, work: Path, log: TextIO) -> dict:
-    """Initialise the token embedding table from Word2Vec (trained here, or a language model's vectors kept from
-    an earlier run on the same prepared corpus: ``embedding_cache``) or the user's vectors."""
+    """Initialise the token embedding table from Word2Vec (:func:`word2vec_vectors`) or the user's vectors."""
     if cfg.embeddings == "none":  # gensim is imported only to train or read vectors (≈ 1 s)
         return {"embeddings": "none"}
-    from llm_unitscale import embedding_cache
     from llm_unitscale.preprocessing import embeddings as emb
 
-    kv: Any
-    kept: Path | None = None  # the run's embeddings.kv, when an entry already holds it
-    entry: Path | None = None  # where this run's Word2Vec vectors are kept (a language model's)
-    trained_on: dict = {}
     if cfg.embeddings == "word2vec":
-        cache = embedding_cache.settings(cfg.width, cfg.seed)
-        if corpus.prepared_path is not None and embedding_cache.enabled():
-            entry = embedding_cache.entry_path(corpus.prepared_path, cache)
-        found = embedding_cache.load(entry, cache) if entry is not None else None
-        if found is not None:
-            kv, kept = found, found.keyed_vectors_file
-            print(f"Word2Vec ({cfg.width} dims, {found.manifest['epochs']} epochs on {found.manifest['tokens']:,} "
-                  f"tokens): reusing {entry}", file=log)
-        else:
-            lines, epochs, every = corpus.word2vec_lines()
-            sample = "" if len(lines) == every else f" (a sample of {every:,})"
-            tokens = sum(map(len, lines))
-            print(f"training Word2Vec ({cfg.width} dims, {epochs} epoch{'s' * (epochs > 1)}) on {len(lines):,} "
-                  f"lines{sample}, {tokens:,} tokens", file=log)
-            kv = emb.train_word2vec(lines, vector_size=cfg.width, seed=cfg.seed, epochs=epochs, progress=True)
-            trained_on = {"lines": len(lines), "tokens": tokens, "epochs": epochs}
+        kv, write = word2vec_vectors(cfg, corpus, log)
     else:
         kv = emb.load_keyed_vectors(cfg.embeddings)
         if kv.vector_size != cfg.width:
@@ -300,6 +280,7 @@ def init_embeddings(cfg: TrainConfig, corpus: Corpus, model: Any, work: Path, lo
                 f"{cfg.embeddings}: vectors have {kv.vector_size} dimensions but the model width is "
                 f"{cfg.width}; pass --width {kv.vector_size}"
             )
+        write = functools.partial(emb.save_keyed_vectors, kv)
     matrix, coverage = emb.embedding_matrix(corpus.vocab, kv, seed=cfg.seed)
     table = model.get_layer("embedding").embeddings
     if not cfg.unit_scaling:  # keep the stock model's init scale: rows at the RMS of its initial table
@@ -307,14 +288,43 @@ def init_embeddings(cfg: TrainConfig, corpus: Corpus, model: Any, work: Path, lo
     if matrix.shape[0] < table.shape[0]:  # bag: the vocabulary's rows come first, then the n-gram buckets
         matrix = np.concatenate([matrix, table.numpy()[matrix.shape[0]:]])
     table.assign(matrix.astype(table.dtype))
-    if kept is not None:
-        files.atomic_copy(kept, work / runs.EMBEDDINGS)
-    else:
-        emb.save_keyed_vectors(kv, work / runs.EMBEDDINGS)
-        if entry is not None:
-            embedding_cache.store(entry, cache, kv, work / runs.EMBEDDINGS, trained_on, log)
+    write(work / runs.EMBEDDINGS)
     print(f"embeddings: {cfg.embeddings}, coverage {coverage:.1%} of the vocabulary", file=log)
     return {"embeddings": cfg.embeddings, "embedding_coverage": round(float(coverage), 4)}
+
+
+def word2vec_vectors(cfg: TrainConfig, corpus: Corpus, log: TextIO) -> tuple[Any, Callable[[Path], None]]:
+    """(vectors, write): the corpus's Word2Vec vectors and how to write the run's ``embeddings.kv`` to a path.
+
+    A language model reads the vectors an earlier run on the same prepared corpus kept (``embedding_cache``;
+    no gensim import) and copies that run's file; otherwise they are trained now, and writing the run's file
+    also keeps them for the next run."""
+    from llm_unitscale import embedding_cache
+    from llm_unitscale.preprocessing import embeddings as emb
+
+    settings = embedding_cache.settings(cfg.width, cfg.seed)
+    entry = None
+    if corpus.prepared_path is not None and embedding_cache.enabled():
+        entry = embedding_cache.entry_path(corpus.prepared_path, settings)
+        found = embedding_cache.load(entry, settings)
+        if found is not None:
+            print(f"Word2Vec ({cfg.width} dims, {found.manifest['epochs']} epochs on {found.manifest['tokens']:,} "
+                  f"tokens): reusing {entry}", file=log)
+            return found, functools.partial(files.atomic_copy, found.keyed_vectors_file)
+    lines, epochs, every = corpus.word2vec_lines()
+    sample = "" if len(lines) == every else f" (a sample of {every:,})"
+    tokens = sum(map(len, lines))
+    print(f"training Word2Vec ({cfg.width} dims, {epochs} epoch{'s' * (epochs > 1)}) on {len(lines):,} "
+          f"lines{sample}, {tokens:,} tokens", file=log)
+    kv = emb.train_word2vec(lines, vector_size=cfg.width, seed=cfg.seed, epochs=epochs, progress=True)
+
+    def write(path: Path) -> None:
+        emb.save_keyed_vectors(kv, path)
+        if entry is not None:
+            embedding_cache.store(entry, settings, kv, path, {"lines": len(lines), "tokens": tokens,
+                                                              "epochs": epochs}, log)
+
+    return kv, write
 
 
 class Throughput(keras.callbacks.Callback):
