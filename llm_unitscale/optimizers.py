@@ -166,13 +166,16 @@ class WarmupCosineDecay(keras.optimizers.schedules.CosineDecay):
         def variable(value: float, what: str) -> tf.Variable:
             return tf.Variable(float(value), trainable=False, dtype=tf.float32, name=f"{name}_{what}")
 
-        self._given = {"decay_steps": decay_steps, "warmup_steps": warmup_steps, "warmup_target": warmup_target}
         self.decay_steps = variable(decay_steps, "decay_steps")
         self.warmup_steps = variable(warmup_steps, "warmup_steps")
         self.warmup_target = variable(warmup_target, "peak")
 
     def get_config(self) -> dict:
-        return {**super().get_config(), **self._given}
+        """The numbers the variables hold now, the peak as the shortest decimal of its float32 (0.03, not
+        0.029999999329447746), which converts back to the same float32."""
+        return {**super().get_config(), "decay_steps": int(self.decay_steps.numpy()),
+                "warmup_steps": int(self.warmup_steps.numpy()),
+                "warmup_target": float(str(self.warmup_target.numpy()))}
 
 
 @keras.saving.register_keras_serializable(package="llm_unitscale")

@@ -184,6 +184,7 @@ def test_warmup_cosine_decay_is_keras_cosine_decay_with_its_numbers_as_variables
     assert isinstance(restored, optimizers.WarmupCosineDecay) and restored.get_config() == config
     schedule.warmup_target.assign(peak / 2)  # read at each call: a compiled step sees the new value
     assert float(schedule(tf.constant(warmup, tf.int64))) == pytest.approx(peak / 2)
+    assert schedule.get_config()["warmup_target"] == peak / 2  # the config is what the variables hold
 
 
 def test_warmup_cosine_decay_needs_its_peak() -> None:
